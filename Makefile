@@ -1,0 +1,38 @@
+# The two commands that matter: `make demo` (chat UI on the default model) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-fast lint clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*## /\t/'
+
+setup: $(STAMP)  ## create .venv with everything (torch CPU wheel first)
+
+$(STAMP): pyproject.toml requirements-offline.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: any unpinned torch requirement could pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps -r requirements-offline.txt
+	touch $(STAMP)
+
+demo: setup  ## chat in the browser with the default model (http://127.0.0.1:7860)
+	$(VENV)/bin/llava-lite serve
+
+test: setup  ## run the whole test suite, slow end-to-end tests included
+	$(PY) -m pytest -q -ra
+
+test-fast: setup  ## skip the slow end-to-end tests
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup  ## ruff
+	$(VENV)/bin/ruff check llava_lite train serve data tests
+
+clean:  ## remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""llava-lite data package."""

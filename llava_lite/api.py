@@ -1,0 +1,266 @@
+"""The Python API: `LlavaLite.from_pretrained()`, then caption, ask, chat and their batched forms."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llava_lite.checkpoint import build_model, is_checkpoint, load_checkpoint, save_checkpoint
+from llava_lite.config import LlavaLiteConfig
+from llava_lite.image_cache import ImageEmbedCache, image_key
+from llava_lite.images import ImageInput, load_image
+from llava_lite.lora import is_peft
+from llava_lite.modeling import LlavaLiteModel
+from llava_lite.processor import LlavaLiteProcessor
+from llava_lite.prompting import ConversationError
+
+CAPTION_PROMPT = "Describe the image in one sentence."
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "demo-model"
+
+Messages = Sequence[dict[str, Any]]
+
+
+def default_model_path() -> Path | None:
+    """The committed demo checkpoint, if this install carries one."""
+    return DEFAULT_MODEL_DIR if is_checkpoint(DEFAULT_MODEL_DIR) else None
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
+
+
+class LlavaLite:
+    """A ready-to-use visual assistant: a model, its processor and generation helpers."""
+
+    def __init__(self, model: LlavaLiteModel, processor: LlavaLiteProcessor, source: str = "") -> None:
+        self.model = model
+        self.processor = processor
+        self.source = source
+        self.quantization = "none"
+        self.image_cache = ImageEmbedCache()
+
+    # -- loading and saving ----------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path | None = None,
+        *,
+        quantize: str | None = None,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> LlavaLite:
+        """Load a llava-lite checkpoint folder, a transformers Llava folder or Hub id, or (with
+        no path) the default model that ships with llava-lite.
+
+        quantize: None/"none", "8bit" or "4bit" (see `llava_lite.quantize`).
+        """
+        torch_dtype = _resolve_dtype(dtype)
+        if path is None:
+            default = default_model_path()
+            if default is not None:
+                model, processor = load_checkpoint(default, dtype=torch_dtype)
+                source = "default (demo checkpoint)"
+            else:
+                # No trained demo checkpoint in this install: real parts, fresh projector.
+                model, processor = build_model(LlavaLiteConfig(), dtype=torch_dtype)
+                source = "default (untrained projector)"
+        elif is_checkpoint(path):
+            model, processor = load_checkpoint(path, dtype=torch_dtype)
+            source = str(path)
+        else:
+            from llava_lite.hf_interop import is_llava_hf, llava_hf_config
+
+            if not is_llava_hf(path):
+                raise FileNotFoundError(
+                    f"{path}: neither a llava-lite checkpoint (config.json with vision/projector/llm) "
+                    "nor a transformers LlavaForConditionalGeneration folder"
+                )
+            model, processor = build_model(llava_hf_config(str(path)), dtype=torch_dtype)
+            source = str(path)
+        obj = cls(model, processor, source)
+        if device is not None:
+            obj.model.to(device)
+        if quantize not in (None, "none"):
+            obj.quantize(quantize)
+        return obj
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        return save_checkpoint(self.model, path)
+
+    def merge_lora(self) -> LlavaLite:
+        """Fold the LoRA adapter into the LLM weights (faster inference; saving then writes
+        the full LLM into the checkpoint)."""
+        if not is_peft(self.model.llm):
+            raise ValueError("this model has no LoRA adapter to merge")
+        self.model.llm = self.model.llm.merge_and_unload()
+        self.model.config.lora.enabled = False
+        self.model.config.llm_subfolder = "llm"
+        return self
+
+    def quantize(self, mode: str) -> LlavaLite:
+        from llava_lite.quantize import quantize_model
+
+        self.quantization = quantize_model(self, mode)
+        return self
+
+    @property
+    def config(self) -> LlavaLiteConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # -- images ----------------------------------------------------------------------
+    def encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor | None:
+        """Projected embeddings for `images`, each computed once and then served from cache."""
+        if not images:
+            return None
+        pil = [load_image(img) for img in images]
+        keys = [image_key(img) for img in pil]
+        found = {i: self.image_cache.get(k) for i, k in enumerate(keys)}
+        missing = [i for i, emb in found.items() if emb is None]
+        if missing:
+            with torch.no_grad():
+                pixels = self.processor.image_preprocess([pil[i] for i in missing])
+                embeds = self.model.encode_images(pixels)
+            for row, i in enumerate(missing):
+                found[i] = embeds[row]
+                self.image_cache.put(keys[i], embeds[row])
+        return torch.stack([found[i] for i in range(len(pil))])
+
+    # -- generation ------------------------------------------------------------------
+    def _gen_kwargs(self, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                    do_sample: bool | None = None, **extra) -> dict[str, Any]:
+        if do_sample is None:
+            do_sample = temperature > 0
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": do_sample,
+            "eos_token_id": self.processor.tokenizer.eos_token_id,
+            "pad_token_id": self.processor.pad_token_id,
+        }
+        if do_sample:
+            kwargs.update(temperature=max(temperature, 1e-5), top_p=top_p)
+        kwargs.update(extra)
+        return kwargs
+
+    def _split_messages(self, messages: Messages, images: Sequence[ImageInput] | None):
+        """Pull images out of content parts ({"type": "image", "image": X}) in order."""
+        found: list[ImageInput] = []
+        clean = []
+        for msg in messages:
+            content = msg.get("content", msg.get("value"))
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    if isinstance(part, dict) and part.get("type") == "image" and "image" in part:
+                        found.append(part["image"])
+                        parts.append({"type": "image"})
+                    else:
+                        parts.append(part)
+                msg = {**msg, "content": parts}
+            clean.append(msg)
+        all_images = list(images or []) + found
+        if images and found:
+            raise ConversationError("give images either inline in content parts or via images=, not both")
+        return clean, all_images
+
+    def _prepare(self, messages: Messages, images: Sequence[ImageInput] | None, max_new_tokens: int):
+        messages, images = self._split_messages(messages, images)
+        self.processor.check_image_count(messages, len(images))
+        ids = self.processor.encode_prompt(messages, max_new_tokens=max_new_tokens)
+        return ids, self.encode_images(images)
+
+    def chat(
+        self,
+        messages: Messages,
+        images: Sequence[ImageInput] | None = None,
+        stream: bool = False,
+        **gen,
+    ) -> str | Iterator[str]:
+        """Reply to a multi-turn conversation. With stream=True, yields text chunks.
+
+        Messages are `{"role", "content"}` dicts; images go inline as content parts
+        `{"type": "image", "image": X}` or as `<image>` placeholders plus `images=`.
+        """
+        kwargs = self._gen_kwargs(**gen)
+        ids, embeds = self._prepare(messages, images, kwargs["max_new_tokens"])
+        input_ids = torch.tensor([ids], device=self.device)
+        if not stream:
+            out = self.model.generate(input_ids, image_embeds=embeds, **kwargs)
+            return self.processor.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+        return self._stream(input_ids, embeds, kwargs)
+
+    def _stream(self, input_ids, embeds, kwargs) -> Iterator[str]:
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.model.generate(input_ids, image_embeds=embeds, streamer=streamer, **kwargs)
+            except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
+                errors.append(err)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        first = True
+        for chunk in streamer:
+            if first:
+                chunk = chunk.lstrip()
+                first = False
+            if chunk:
+                yield chunk
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    def ask(self, image: ImageInput, question: str, **gen) -> str:
+        """Answer a question about one image."""
+        messages = [{"role": "user", "content": f"{self.config.image_token}\n{question}"}]
+        return self.chat(messages, images=[image], **gen)
+
+    def caption(self, image: ImageInput, **gen) -> str:
+        return self.ask(image, CAPTION_PROMPT, **gen)
+
+    def ask_batch(self, images: Sequence[ImageInput], questions: Sequence[str], batch_size: int = 8, **gen) -> list[str]:
+        """Answer one question per image, `batch_size` at a time (left-padded generation)."""
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        kwargs = self._gen_kwargs(**gen)
+        answers: list[str] = []
+        tok = self.processor.tokenizer
+        for start in range(0, len(images), batch_size):
+            chunk_imgs = images[start:start + batch_size]
+            prompts = [
+                self.processor.encode_prompt(
+                    [{"role": "user", "content": f"{self.config.image_token}\n{q}"}],
+                    max_new_tokens=kwargs["max_new_tokens"],
+                )
+                for q in questions[start:start + batch_size]
+            ]
+            input_ids, mask = self.processor.pad(prompts, side="left")
+            embeds = self.encode_images(chunk_imgs)
+            out = self.model.generate(
+                input_ids.to(self.device), attention_mask=mask.to(self.device), image_embeds=embeds, **kwargs
+            )
+            answers.extend(tok.decode(row, skip_special_tokens=True).strip() for row in out)
+        return answers
+
+    def caption_batch(self, images: Sequence[ImageInput], batch_size: int = 8, **gen) -> list[str]:
+        return self.ask_batch(images, [CAPTION_PROMPT] * len(images), batch_size=batch_size, **gen)

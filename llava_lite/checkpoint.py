@@ -1,0 +1,132 @@
+"""Building a model from its config, and checkpoint folders.
+
+A checkpoint folder holds `config.json`, `projector.safetensors` and, when LoRA is on, the
+peft adapter in `adapter/`. A checkpoint whose LLM weights changed (merged LoRA) also holds
+them in `llm/`. Nothing is unpickled: weights are safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llava_lite.config import ConfigError, LlavaLiteConfig
+from llava_lite.llm import llm_hidden_size, load_llm
+from llava_lite.lora import add_lora, is_peft, load_lora
+from llava_lite.modeling import LlavaLiteModel
+from llava_lite.processor import LlavaLiteProcessor
+from llava_lite.projectors import build_projector
+from llava_lite.registry import VISION_TOWERS
+
+CONFIG_NAME = "config.json"
+PROJECTOR_NAME = "projector.safetensors"
+ADAPTER_DIR = "adapter"
+LLM_DIR = "llm"
+
+
+def build_model(
+    config: LlavaLiteConfig,
+    checkpoint_dir: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    trainable_lora: bool = False,
+) -> tuple[LlavaLiteModel, LlavaLiteProcessor]:
+    """Build the model a config describes; with `checkpoint_dir`, load its trained weights.
+
+    Without a checkpoint the projector is freshly initialised (seeded) and LoRA, if enabled,
+    starts from peft's zero-delta initialisation.
+    """
+    config.validate()
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if config.llava_hf_path:
+        from llava_lite.hf_interop import load_llava_hf_parts
+
+        tower, projector, llm, tokenizer = load_llava_hf_parts(config, dtype=dtype)
+    else:
+        tower = VISION_TOWERS.get(config.vision.name)(config.vision)
+        llm_path = str(ckpt / config.llm_subfolder) if (ckpt and config.llm_subfolder) else None
+        llm, tokenizer = load_llm(config.llm, path=llm_path, dtype=dtype)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            projector = build_projector(config.projector.name, tower.hidden_size, llm_hidden_size(llm))
+    projector.to(dtype)
+    if ckpt is not None and (ckpt / PROJECTOR_NAME).is_file():
+        state = load_file(str(ckpt / PROJECTOR_NAME))
+        projector.load_state_dict(state, strict=True)
+    if config.lora.enabled:
+        if ckpt is not None and (ckpt / ADAPTER_DIR).is_dir():
+            llm = load_lora(llm, ckpt / ADAPTER_DIR, trainable=trainable_lora)
+        elif ckpt is not None:
+            raise ConfigError(f"{ckpt}: config has lora.enabled but the folder has no {ADAPTER_DIR}/")
+        else:
+            llm = add_lora(llm, config.lora)
+    processor = LlavaLiteProcessor(config, tokenizer, tower.num_tokens, tower.preprocess)
+    model = LlavaLiteModel(config, tower, projector, llm, processor.image_token_id)
+    model.eval()
+    return model, processor
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    cfg = Path(path) / CONFIG_NAME
+    if not cfg.is_file():
+        return False
+    try:
+        data = json.loads(cfg.read_text())
+    except json.JSONDecodeError:
+        return False
+    return isinstance(data, dict) and "vision" in data and "projector" in data and "llm" in data
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, trainable_lora: bool = False):
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: checkpoint folder not found")
+    config = LlavaLiteConfig.load(path / CONFIG_NAME)
+    if not (path / PROJECTOR_NAME).is_file() and not config.llava_hf_path:
+        raise FileNotFoundError(f"{path}: no {PROJECTOR_NAME} in checkpoint")
+    return build_model(config, checkpoint_dir=path, dtype=dtype, trainable_lora=trainable_lora)
+
+
+def save_checkpoint(model: LlavaLiteModel, out_dir: str | Path, save_llm: bool = False) -> Path:
+    """Write a checkpoint folder atomically (a temp folder renamed into place).
+
+    `save_llm` writes the full LLM weights too (needed once LoRA is merged or the LLM itself
+    was trained); otherwise the LLM is referenced by `config.llm.model_id`.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    config = model.config
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.projector.state_dict().items()}
+        save_file(state, str(tmp / PROJECTOR_NAME), metadata={"format": "pt"})
+        if is_peft(model.llm):
+            model.llm.save_pretrained(str(tmp / ADAPTER_DIR))
+        if save_llm or config.llm_subfolder:
+            if is_peft(model.llm):
+                raise ValueError("merge the LoRA adapter (merge_lora) before saving full LLM weights")
+            model.llm.save_pretrained(str(tmp / LLM_DIR))
+            config.llm_subfolder = LLM_DIR
+        config.save(tmp / CONFIG_NAME)
+        _replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move `src` to `dst`; an existing `dst` is only removed after `src` is complete."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        dst.rename(old)
+        src.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        src.rename(dst)

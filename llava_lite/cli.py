@@ -1,0 +1,139 @@
+"""`llava-lite`: the one command-line door. Library subcommands live here; `train` and `serve`
+plug in through the `llava_lite.commands` entry-point group, so this package never imports
+them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from importlib.metadata import entry_points
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder, transformers Llava folder or Hub id (default: the built-in model)")
+    p.add_argument("--quantize", default="none", choices=["none", "8bit", "4bit"],
+                   help="quantize the LLM for inference (default: none)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: fp32)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="generation length cap (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    p.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of streaming")
+
+
+def _load(args):
+    from llava_lite import LlavaLite
+
+    t0 = time.perf_counter()
+    model = LlavaLite.from_pretrained(args.model, quantize=args.quantize, dtype=args.dtype)
+    print(f"[llava-lite] loaded {model.source} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return model
+
+
+def _answer(model, image: str, question: str, args) -> int:
+    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    messages = [{"role": "user", "content": f"{model.config.image_token}\n{question}"}]
+    t0 = time.perf_counter()
+    if args.no_stream:
+        print(model.chat(messages, images=[image], **gen))
+    else:
+        first = None
+        for chunk in model.chat(messages, images=[image], stream=True, **gen):
+            first = first or time.perf_counter()
+            print(chunk, end="", flush=True)
+        print()
+        if first is not None:
+            print(f"[llava-lite] first token {first - t0:.2f}s, total {time.perf_counter() - t0:.2f}s",
+                  file=sys.stderr)
+    return 0
+
+
+def cmd_ask(args) -> int:
+    return _answer(_load(args), args.image, args.question, args)
+
+
+def cmd_caption(args) -> int:
+    from llava_lite.api import CAPTION_PROMPT
+
+    return _answer(_load(args), args.image, args.prompt or CAPTION_PROMPT, args)
+
+
+def cmd_export_hf(args) -> int:
+    from llava_lite import LlavaLite
+    from llava_lite.hf_interop import export_hf
+
+    model = LlavaLite.from_pretrained(args.model)
+    out = export_hf(model.model, model.processor, args.out)
+    print(f"wrote transformers LlavaForConditionalGeneration folder: {out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from llava_lite import LlavaLite
+
+    model = LlavaLite.from_pretrained(args.model)
+    params = sum(p.numel() for p in model.model.parameters())
+    trainable = sum(p.numel() for p in model.model.parameters() if p.requires_grad)
+    print(json.dumps({"source": model.source, "config": model.config.to_dict(),
+                      "parameters": params, "trainable": trainable,
+                      "image_tokens": model.processor.num_image_tokens}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llava-lite", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("ask", help="answer a question about an image")
+    p.add_argument("image", help="image file")
+    p.add_argument("question", help="the question")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("caption", help="describe an image")
+    p.add_argument("image", help="image file")
+    p.add_argument("--prompt", default=None, help="override the caption instruction")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("export-hf", help="write a transformers LlavaForConditionalGeneration folder")
+    p.add_argument("--model", required=True, help="llava-lite checkpoint with a clip tower and mlp2x_gelu projector")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("info", help="print a model's config and parameter counts")
+    p.add_argument("--model", default=None, help="checkpoint (default: the built-in model)")
+    p.set_defaults(func=cmd_info)
+
+    for ep in entry_points(group="llava_lite.commands"):
+        register = ep.load()
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from llava_lite.images import ImageLoadError
+    from llava_lite.prompting import ConversationError, SequenceTooLongError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ImageLoadError, ConversationError, SequenceTooLongError, FileNotFoundError, ValueError) as err:
+        print(f"llava-lite: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nllava-lite: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

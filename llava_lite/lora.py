@@ -1,0 +1,35 @@
+"""LoRA on the LLM through peft (never on the tower; the projector trains as a plain module)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llava_lite.config import LoraConfig
+
+
+def add_lora(llm, config: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_config = PeftLoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(llm, peft_config)
+
+
+def load_lora(llm, adapter_dir: Path, trainable: bool = False):
+    from peft import PeftModel
+
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (the checkpoint's LoRA adapter is missing)")
+    return PeftModel.from_pretrained(llm, str(adapter_dir), is_trainable=trainable)
+
+
+def is_peft(llm) -> bool:
+    from peft import PeftModel
+
+    return isinstance(llm, PeftModel)

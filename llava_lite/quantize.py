@@ -1,0 +1,77 @@
+"""Quantized inference for the LLM (the tower and projector stay in full precision).
+
+Modes a user asks for, resolved to a backend for the device:
+- "8bit": bitsandbytes LLM.int8 on CUDA; torch dynamic int8 on CPU, which measured faster
+  than bitsandbytes' CPU 8-bit path on this kind of machine (see OFFLINE.md).
+- "4bit": bitsandbytes NF4.
+Backends can also be named directly: "bnb-8bit", "bnb-4bit", "dynamic-int8".
+A LoRA adapter is merged first, so the quantized weights include it.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+
+import torch
+from torch import nn
+
+from llava_lite.lora import is_peft
+
+BACKENDS = ("bnb-8bit", "bnb-4bit", "dynamic-int8")
+
+
+def resolve_backend(mode: str, device: torch.device) -> str:
+    if mode in BACKENDS:
+        return mode
+    if mode == "8bit":
+        return "bnb-8bit" if device.type == "cuda" else "dynamic-int8"
+    if mode == "4bit":
+        return "bnb-4bit"
+    raise ValueError(f"quantize={mode!r}; use none, 8bit, 4bit or one of {BACKENDS}")
+
+
+def quantize_model(lite, mode: str) -> str:
+    """Quantize `lite.model.llm` in place; returns the backend used."""
+    model = lite.model
+    backend = resolve_backend(mode, model.device)
+    if is_peft(model.llm):
+        model.llm = model.llm.merge_and_unload()
+    if backend == "dynamic-int8":
+        model.llm = _dynamic_int8(model.llm)
+    else:
+        model.llm = _bitsandbytes(model.llm, backend, model.device)
+    return backend
+
+
+def _dynamic_int8(llm: nn.Module) -> nn.Module:
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    llm.float()
+    # The LM head is tied to the embeddings in small models; quantizing only the transformer
+    # blocks keeps the tie and the logits' precision.
+    head = llm.get_output_embeddings()
+    decoder = llm.get_decoder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(decoder, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    assert llm.get_output_embeddings() is head
+    return llm
+
+
+def _bitsandbytes(llm: nn.Module, backend: str, device: torch.device) -> nn.Module:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if backend == "bnb-8bit":
+        qcfg = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    # bitsandbytes quantizes while loading, so round-trip the (merged) weights via a folder.
+    with tempfile.TemporaryDirectory(prefix="llava-lite-quant-") as tmp:
+        llm.save_pretrained(tmp)
+        target = "auto" if device.type == "cuda" else "cpu"
+        return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=qcfg, device_map=target)
