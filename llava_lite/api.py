@@ -97,7 +97,7 @@ class LlavaLite:
         return obj
 
     def save_pretrained(self, path: str | Path) -> Path:
-        return save_checkpoint(self.model, path)
+        return save_checkpoint(self.model, path, tokenizer=self.processor.tokenizer)
 
     def merge_lora(self) -> LlavaLite:
         """Fold the LoRA adapter into the LLM weights (faster inference; saving then writes

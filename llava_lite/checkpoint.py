@@ -93,7 +93,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, traina
     return build_model(config, checkpoint_dir=path, dtype=dtype, trainable_lora=trainable_lora)
 
 
-def save_checkpoint(model: LlavaLiteModel, out_dir: str | Path, save_llm: bool = False) -> Path:
+def save_checkpoint(model: LlavaLiteModel, out_dir: str | Path, save_llm: bool = False, tokenizer=None) -> Path:
     """Write a checkpoint folder atomically (a temp folder renamed into place).
 
     `save_llm` writes the full LLM weights too (needed once LoRA is merged or the LLM itself
@@ -112,6 +112,8 @@ def save_checkpoint(model: LlavaLiteModel, out_dir: str | Path, save_llm: bool =
             if is_peft(model.llm):
                 raise ValueError("merge the LoRA adapter (merge_lora) before saving full LLM weights")
             model.llm.save_pretrained(str(tmp / LLM_DIR))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp / LLM_DIR))
             config.llm_subfolder = LLM_DIR
         config.save(tmp / CONFIG_NAME)
         _replace_dir(tmp, out)

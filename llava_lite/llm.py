@@ -48,7 +48,11 @@ def load_llm(config: LLMConfig, path: str | None = None, dtype: torch.dtype = to
         )
     except OSError as err:
         raise ConfigError(f"llm.model_id={config.model_id!r}: cannot load a causal LM from {source!r} ({err})") from err
-    tokenizer = load_tokenizer(source, config.trust_remote_code)
+    # A checkpoint's own LLM folder may lack tokenizer files; the base model's then apply.
+    tok_source = source
+    if path is not None and not any((Path(path) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+        tok_source = resolve_llm_path(config.model_id)
+    tokenizer = load_tokenizer(tok_source, config.trust_remote_code)
     return model, tokenizer
 
 
