@@ -56,17 +56,26 @@ def llava_hf_config(path: str) -> LlavaLiteConfig:
         raise ConfigError(f"{path}: unknown vision_feature_select_strategy {strategy!r}")
     tok = load_tokenizer(path)
     image_token = tok.convert_ids_to_tokens(hf.image_token_id)
-    local = Path(path)
-    has_processor_template = any((local / n).is_file() for n in ("chat_template.jinja", "chat_template.json"))
     return LlavaLiteConfig(
         vision=VisionConfig(name="clip", model_id=path, feature_layer=layer, feature_strategy=HF_TO_STRATEGY[strategy]),
         projector=ProjectorConfig(name="mlp2x_gelu"),
         llm=LLMConfig(model_id=path),
         image_token=image_token,
         max_length=getattr(hf.text_config, "max_position_embeddings", 2048),
-        chat_content_format="parts" if has_processor_template else "string",
+        chat_content_format=detect_content_format(tok),
         llava_hf_path=path,
     ).validate()
+
+
+def detect_content_format(tokenizer) -> str:
+    """`string` if the chat template renders plain-text content, else `parts` (processor-style
+    templates such as llava-hf's iterate over content parts)."""
+    probe = [{"role": "user", "content": "llava-lite-probe"}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - any failure means plain strings are not accepted
+        return "parts"
+    return "string" if "llava-lite-probe" in text else "parts"
 
 
 def load_llava_hf_parts(config: LlavaLiteConfig, dtype: torch.dtype = torch.float32):
@@ -86,8 +95,12 @@ def load_llava_hf_parts(config: LlavaLiteConfig, dtype: torch.dtype = torch.floa
     projector.load_state_dict(src.state_dict())
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(hcfg.text_config)
-    llm.set_decoder(hf.model.language_model)
+    # Causal LMs keep their decoder under `base_model_prefix` (e.g. `model` for Llama).
+    setattr(llm, llm.base_model_prefix, hf.model.language_model)
     llm.lm_head = hf.lm_head
+    leftover = [n for n, t in [*llm.named_parameters(), *llm.named_buffers()] if t.device.type == "meta"]
+    if leftover:
+        raise ConfigError(f"{path}: could not map the Llava language model onto a causal LM ({leftover[:3]})")
     llm.to(dtype)
     llm.eval()
     return tower, projector, llm, load_tokenizer(path)
