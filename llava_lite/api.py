@@ -238,7 +238,9 @@ class LlavaLite:
     def caption(self, image: ImageInput, **gen) -> str:
         return self.ask(image, CAPTION_PROMPT, **gen)
 
-    def ask_batch(self, images: Sequence[ImageInput], questions: Sequence[str], batch_size: int = 8, **gen) -> list[str]:
+    def ask_batch(
+        self, images: Sequence[ImageInput], questions: Sequence[str], batch_size: int = 8, **gen
+    ) -> list[str]:
         """Answer one question per image, `batch_size` at a time (left-padded generation)."""
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")

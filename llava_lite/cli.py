@@ -86,7 +86,10 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llava-lite", description="llava-lite: chat with images, ask and caption, train and serve LLaVA-style models.")
+    parser = argparse.ArgumentParser(
+        prog="llava-lite",
+        description="llava-lite: chat with images, ask and caption, train and serve LLaVA-style models.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("ask", help="answer a question about an image")

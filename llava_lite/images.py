@@ -11,7 +11,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ImageInput = Union[Image.Image, str, os.PathLike, np.ndarray, bytes]
+ImageInput = Union[Image.Image, str, os.PathLike, np.ndarray, bytes]  # noqa: UP007 - runtime alias
 
 MAX_FILE_BYTES = 50 * 1024 * 1024
 MAX_PIXELS = 64_000_000  # 8000 x 8000; larger is treated as a decompression bomb

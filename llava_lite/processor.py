@@ -77,7 +77,9 @@ class LlavaLiteProcessor:
     def encode_prompt(self, messages: Sequence[dict[str, Any]], max_new_tokens: int = 0) -> list[int]:
         return self.prompts.encode_prompt(messages, max_new_tokens=max_new_tokens)
 
-    def pad(self, sequences: Sequence[list[int]], side: str, value: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def pad(
+        self, sequences: Sequence[list[int]], side: str, value: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad to a (batch, max_len) tensor plus attention mask."""
         value = self.pad_token_id if value is None else value
         width = max(len(s) for s in sequences)

@@ -227,7 +227,7 @@ class PromptBuilder:
         input_ids: list[int] = []
         labels: list[int] = []
         keep_until = 0  # length after the last supervised segment that fits
-        for ids, sup in zip(pieces, supervised):
+        for ids, sup in zip(pieces, supervised, strict=True):
             if sup and len(input_ids) + len(ids) <= self.max_length:
                 keep_until = len(input_ids) + len(ids)
             input_ids.extend(ids)

@@ -100,7 +100,7 @@ def test_merge_lora_matches_unmerged_logits(tiny_lite, images, tmp_path):
 def test_batched_greedy_equals_one_by_one(tiny_lite, images):
     lite = tiny_lite(lora=True, seed=7)
     questions = ["What is it?", "Describe the colours in this picture please.", "Why?", "Count."]
-    singles = [lite.ask(img, q, **GEN) for img, q in zip(images, questions)]
+    singles = [lite.ask(img, q, **GEN) for img, q in zip(images, questions, strict=True)]
     assert len(set(singles)) > 1  # distinct inputs give distinct answers: the check can fail
     assert lite.ask_batch(images, questions, batch_size=4, **GEN) == singles
     assert lite.ask_batch(images, questions, batch_size=3, **GEN) == singles

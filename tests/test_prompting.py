@@ -56,7 +56,7 @@ def llama3_tok(smol_tokenizer_dir):
 def supervised_runs(ids, labels):
     """Contiguous runs of supervised token ids."""
     runs, current = [], []
-    for tid, lab in zip(ids, labels):
+    for tid, lab in zip(ids, labels, strict=True):
         if lab != IGNORE_INDEX:
             assert lab == tid
             current.append(tid)
@@ -79,14 +79,14 @@ def test_labels_are_exactly_the_answers_and_end_of_turn(request, family, eot):
     enc = builder((tok, image_id)).encode_conversation(CONV)
     runs = supervised_runs(enc.input_ids, enc.labels)
     assert len(runs) == 3
-    for run, answer in zip(runs, ANSWERS):
+    for run, answer in zip(runs, ANSWERS, strict=True):
         expected = tok(answer, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids(eot)]
         assert run == expected, (tok.decode(run), answer)
     n_supervised = sum(1 for lab in enc.labels if lab != IGNORE_INDEX)
     assert n_supervised == sum(len(tok(a, add_special_tokens=False)["input_ids"]) + 1 for a in ANSWERS)
     # one image block of N_IMG tokens, never supervised
     assert enc.input_ids.count(image_id) == N_IMG and enc.num_images == 1
-    assert all(lab == IGNORE_INDEX for tid, lab in zip(enc.input_ids, enc.labels) if tid == image_id)
+    assert all(lab == IGNORE_INDEX for tid, lab in zip(enc.input_ids, enc.labels, strict=True) if tid == image_id)
 
 
 def test_training_prefix_tokenizes_like_the_inference_prompt(smol_tok):
