@@ -25,7 +25,8 @@ $(STAMP): pyproject.toml requirements-offline.txt
 demo: setup  ## chat in the browser with the default model (http://127.0.0.1:7860)
 	$(VENV)/bin/llava-lite serve
 
-test: setup  ## run the whole test suite, slow end-to-end tests included
+test: setup  ## ruff, then the whole test suite, slow end-to-end tests included
+	$(VENV)/bin/ruff check llava_lite train serve data tests
 	$(PY) -m pytest -q -ra
 
 test-fast: setup  ## skip the slow end-to-end tests
