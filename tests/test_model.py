@@ -151,3 +151,20 @@ def test_missing_adapter_folder_is_a_clear_error(tiny_lite, tmp_path):
     shutil.rmtree(out / "adapter")
     with pytest.raises(Exception, match="adapter"):
         load_checkpoint(out)
+
+
+def test_siglip_tower_keeps_every_patch(tmp_path, tiny_llm_dir, images):
+    from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
+
+    from llava_lite.config import LlavaLiteConfig, LLMConfig, VisionConfig
+
+    cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, image_size=32, patch_size=8)
+    SiglipVisionModel(cfg).save_pretrained(tmp_path / "siglip")
+    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "siglip")
+    config = LlavaLiteConfig(vision=VisionConfig(name="clip", model_id=str(tmp_path / "siglip"),
+                                                 feature_strategy="cls_patch"),
+                             llm=LLMConfig(model_id=str(tiny_llm_dir)), max_length=256)
+    model, processor = build_model(config)
+    assert processor.num_image_tokens == 16  # no CLS token in SigLIP
+    assert model.encode_images(processor.pixel_values(images[:2])).shape == (2, 16, 64)
