@@ -230,12 +230,15 @@ class LlavaLite:
         if errors:
             raise errors[0]
 
-    def ask(self, image: ImageInput, question: str, **gen) -> str:
-        """Answer a question about one image."""
-        messages = [{"role": "user", "content": f"{self.config.image_token}\n{question}"}]
-        return self.chat(messages, images=[image], **gen)
+    def user_message(self, text: str, num_images: int = 1) -> dict[str, str]:
+        """A user turn with `num_images` image placeholders before the text."""
+        return {"role": "user", "content": f"{self.config.image_token}\n" * num_images + text}
 
-    def caption(self, image: ImageInput, **gen) -> str:
+    def ask(self, image: ImageInput, question: str, **gen) -> str | Iterator[str]:
+        """Answer a question about one image (stream=True yields text chunks)."""
+        return self.chat([self.user_message(question)], images=[image], **gen)
+
+    def caption(self, image: ImageInput, **gen) -> str | Iterator[str]:
         return self.ask(image, CAPTION_PROMPT, **gen)
 
     def ask_batch(
@@ -250,10 +253,7 @@ class LlavaLite:
         for start in range(0, len(images), batch_size):
             chunk_imgs = images[start:start + batch_size]
             prompts = [
-                self.processor.encode_prompt(
-                    [{"role": "user", "content": f"{self.config.image_token}\n{q}"}],
-                    max_new_tokens=kwargs["max_new_tokens"],
-                )
+                self.processor.encode_prompt([self.user_message(q)], max_new_tokens=kwargs["max_new_tokens"])
                 for q in questions[start:start + batch_size]
             ]
             input_ids, mask = self.processor.pad(prompts, side="left")

@@ -37,13 +37,12 @@ def _load(args):
 
 def _answer(model, image: str, question: str, args) -> int:
     gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
-    messages = [{"role": "user", "content": f"{model.config.image_token}\n{question}"}]
     t0 = time.perf_counter()
     if args.no_stream:
-        print(model.chat(messages, images=[image], **gen))
+        print(model.ask(image, question, **gen))
     else:
         first = None
-        for chunk in model.chat(messages, images=[image], stream=True, **gen):
+        for chunk in model.ask(image, question, stream=True, **gen):
             first = first or time.perf_counter()
             print(chunk, end="", flush=True)
         print()

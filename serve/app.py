@@ -13,30 +13,31 @@ log = logging.getLogger("llava_lite.serve")
 USER_ERRORS = (ImageLoadError, ConversationError, SequenceTooLongError)
 
 
-def _history_to_messages(history: list[dict], message: dict, image_token: str):
-    """Gradio messages-format history plus the new message -> (messages, image paths)."""
-    messages, images = [], []
-    pending_images: list[str] = []
+def _history_to_messages(history: list[dict], text: str, files: list[str], user_message):
+    """Gradio messages-format history plus the new text and files -> (messages, image paths).
+
+    Gradio keeps uploaded files as their own user turns; they are attached to the next text turn.
+    """
+    messages, images, pending = [], [], []
+
+    def add_user_turn(turn_text: str) -> None:
+        messages.append(user_message(turn_text, len(pending)))
+        images.extend(pending)
+        pending.clear()
+
     for turn in history:
         content = turn.get("content")
         if turn["role"] == "user":
             if isinstance(content, dict) and content.get("path"):  # a file turn
-                pending_images.append(content["path"])
-                continue
-            if isinstance(content, (list, tuple)) and content and isinstance(content[0], str):
-                pending_images.append(content[0])
-                continue
-            text = content if isinstance(content, str) else str(content)
-            prefix = "".join(f"{image_token}\n" for _ in pending_images)
-            images.extend(pending_images)
-            pending_images = []
-            messages.append({"role": "user", "content": prefix + text})
+                pending.append(content["path"])
+            elif isinstance(content, (list, tuple)) and content and isinstance(content[0], str):
+                pending.append(content[0])
+            else:
+                add_user_turn(content if isinstance(content, str) else str(content))
         elif isinstance(content, str) and content:
             messages.append({"role": "assistant", "content": content})
-    new_images = pending_images + list(message.get("files") or [])
-    prefix = "".join(f"{image_token}\n" for _ in new_images)
-    images.extend(new_images)
-    messages.append({"role": "user", "content": prefix + (message.get("text") or "").strip()})
+    pending.extend(files)
+    add_user_turn(text)
     return messages, images
 
 
@@ -48,7 +49,9 @@ def make_chat_fn(model: LlavaLite):
             yield "Please type a question about the image."
             return
         try:
-            messages, images = _history_to_messages(history, message, model.config.image_token)
+            messages, images = _history_to_messages(
+                history, text, list(message.get("files") or []), model.user_message
+            )
             reply = ""
             for chunk in model.chat(messages, images=images, stream=True, temperature=temperature,
                                     top_p=top_p, max_new_tokens=int(max_new_tokens)):

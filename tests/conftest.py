@@ -111,6 +111,12 @@ def tiny_lite(tiny_config):
     return make
 
 
+def prompt_inputs(lite, images, question: str):
+    """(input_ids, pixel_values) for one user turn asking `question` about `images`."""
+    ids = torch.tensor([lite.processor.encode_prompt([lite.user_message(question, len(images))])])
+    return ids, lite.processor.pixel_values(images)
+
+
 def randomize_lora(llm, seed: int = 0) -> None:
     """peft starts LoRA B at zero (a no-op adapter); give it real weights so tests can fail."""
     gen = torch.Generator().manual_seed(seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import prompt_inputs
 
 from llava_lite import LlavaLite
 from llava_lite.hf_interop import export_hf
@@ -12,14 +13,8 @@ from llava_lite.hf_interop import export_hf
 QUESTION = "What is in the picture?"
 
 
-def _inputs(lite: LlavaLite, images):
-    msgs = [{"role": "user", "content": "<image>\n" * len(images) + QUESTION}]
-    ids = torch.tensor([lite.processor.encode_prompt(msgs)])
-    return ids, lite.processor.pixel_values(images)
-
-
 def _compare(lite: LlavaLite, hf, images):
-    ids, pixels = _inputs(lite, images)
+    ids, pixels = prompt_inputs(lite, images, QUESTION)
     with torch.no_grad():
         ours = lite.model(ids, pixel_values=pixels).logits
         theirs = hf(input_ids=ids, pixel_values=pixels).logits
@@ -85,7 +80,7 @@ def test_transformers_made_folder_loads_in_llava_lite(tiny_clip_dir, tiny_llm_di
     assert lite.config.llava_hf_path == str(folder) and lite.config.vision.name == "clip"
     assert lite.processor.image_token_id == cfg.image_token_id
     ours = _compare(lite, hf, images[:1])
-    ids, _ = _inputs(lite, images[:1])
+    ids, _ = prompt_inputs(lite, images[:1], QUESTION)
     other = lite.model(ids, pixel_values=lite.processor.pixel_values(images[1:2])).logits
     assert not torch.allclose(ours, other)  # the image really flows through
     # and a llava-lite checkpoint made from it reloads the same

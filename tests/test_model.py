@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import prompt_inputs
 
 from llava_lite import LlavaLite
 from llava_lite.checkpoint import build_model, load_checkpoint
@@ -14,9 +15,7 @@ GEN = {"max_new_tokens": 8}
 
 
 def logits_for(lite: LlavaLite, images, question="What is it?"):
-    msgs = [{"role": "user", "content": "<image>\n" * len(images) + question}]
-    ids = torch.tensor([lite.processor.encode_prompt(msgs)])
-    pixels = lite.processor.pixel_values(images)
+    ids, pixels = prompt_inputs(lite, images, question)
     with torch.no_grad():
         return lite.model(ids, pixel_values=pixels).logits
 
