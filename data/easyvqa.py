@@ -1,0 +1,168 @@
+"""easy-VQA (PyPI `easy-vqa`, MIT) as the sets each training stage needs.
+
+- captions (align): one brief description per image, from the image's shape and colour;
+- vqa (adapter): every question about an image packed into one multi-turn short-answer
+  conversation, so the image and system prompt are paid for once per image;
+- conversations (instruct): mixed dialogues: a detailed description, sentence answers and
+  short answers;
+- the official test split is only ever used for evaluation (`eval_items`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+SHORT_ANSWER = "Answer each question with a single word."
+CAPTION_PROMPTS = [
+    "Describe the image briefly.",
+    "What is in this picture?",
+    "Give a short description of the image.",
+    "Summarize the image in a few words.",
+    "Caption this image.",
+]
+SHAPES = {"circle", "rectangle", "triangle"}
+COLORS = {"red", "green", "blue", "yellow", "teal", "brown", "gray", "black"}
+
+
+def answer_type(answer: str) -> str:
+    """easy-VQA's three answer types."""
+    if answer in ("yes", "no"):
+        return "yes/no"
+    return "shape" if answer in SHAPES else "color"
+
+
+def _load(split: str) -> tuple[list[tuple[str, str, int]], dict[int, str]]:
+    try:
+        import easy_vqa
+    except ImportError as err:
+        raise RuntimeError("easy-VQA is not installed: pip install --no-deps easy-vqa==1.0") from err
+    if split == "train":
+        texts, answers, ids = easy_vqa.get_train_questions()
+        paths = easy_vqa.get_train_image_paths()
+    elif split == "test":
+        texts, answers, ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+    else:
+        raise ValueError(f"easy-VQA split {split!r}; use 'train' or 'test'")
+    return list(zip(texts, answers, ids, strict=True)), paths
+
+
+def image_facts(split: str) -> dict[int, dict[str, str]]:
+    """Each image's shape and colour, read off the answers to shape and colour questions."""
+    questions, _ = _load(split)
+    facts: dict[int, dict[str, str]] = defaultdict(dict)
+    for _q, a, image_id in questions:
+        kind = answer_type(a)
+        if kind != "yes/no":
+            facts[image_id][kind] = a
+    return dict(facts)
+
+
+def _question(q: str) -> str:
+    q = q.strip()
+    return q[0].upper() + q[1:]
+
+
+def _sentence(q: str, a: str, facts: dict[str, str]) -> str:
+    """A full-sentence answer for instruct-style dialogues."""
+    kind = answer_type(a)
+    if kind == "shape":
+        return f"The image shows a {facts.get('color', '')} {a}.".replace("  ", " ")
+    if kind == "color":
+        return f"The {facts.get('shape', 'shape')} is {a}."
+    return "Yes." if a == "yes" else "No."
+
+
+def caption_text(facts: dict[str, str]) -> str:
+    return f"A {facts.get('color', 'colored')} {facts.get('shape', 'shape')} on a white background."
+
+
+def build_captions(split: str = "train", seed: int = 0) -> list[dict[str, Any]]:
+    questions, paths = _load(split)
+    facts = image_facts(split)
+    rng = random.Random(seed)
+    rows = []
+    for image_id in sorted(facts):
+        prompt = rng.choice(CAPTION_PROMPTS)
+        rows.append({
+            "id": f"easyvqa-{split}-cap-{image_id}",
+            "image": paths[image_id],
+            "conversations": [
+                {"from": "human", "value": f"<image>\n{prompt}"},
+                {"from": "gpt", "value": caption_text(facts[image_id])},
+            ],
+        })
+    return rows
+
+
+def _by_image(questions: list[tuple[str, str, int]]) -> dict[int, list[tuple[str, str]]]:
+    grouped: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    for q, a, image_id in questions:
+        grouped[image_id].append((q, a))
+    return grouped
+
+
+def build_vqa(split: str = "train", seed: int = 0, max_turns: int = 16) -> list[dict[str, Any]]:
+    """One short-answer conversation per image holding (up to `max_turns` of) its questions."""
+    questions, paths = _load(split)
+    rng = random.Random(seed)
+    rows = []
+    for image_id, qas in sorted(_by_image(questions).items()):
+        qas = list(qas)
+        rng.shuffle(qas)
+        for part in range(0, len(qas), max_turns):
+            turns = []
+            for k, (q, a) in enumerate(qas[part:part + max_turns]):
+                text = f"<image>\n{SHORT_ANSWER}\n{_question(q)}" if k == 0 else _question(q)
+                turns += [{"from": "human", "value": text}, {"from": "gpt", "value": a}]
+            rows.append({"id": f"easyvqa-{split}-vqa-{image_id}-{part}", "image": paths[image_id],
+                         "conversations": turns})
+    return rows
+
+
+def build_conversations(split: str = "train", seed: int = 0, max_turns: int = 6) -> list[dict[str, Any]]:
+    """Instruction-style dialogues: a description, then sentence answers (or, for half the
+    images, the short-answer format), so both styles survive instruction tuning."""
+    questions, paths = _load(split)
+    facts = image_facts(split)
+    rng = random.Random(seed + 1)
+    rows = []
+    for image_id, qas in sorted(_by_image(questions).items()):
+        qas = list(qas)
+        rng.shuffle(qas)
+        qas = qas[:max_turns]
+        f = facts.get(image_id, {})
+        short = rng.random() < 0.5
+        turns = []
+        if short:
+            for k, (q, a) in enumerate(qas):
+                text = f"<image>\n{SHORT_ANSWER}\n{_question(q)}" if k == 0 else _question(q)
+                turns += [{"from": "human", "value": text}, {"from": "gpt", "value": a}]
+        else:
+            turns += [{"from": "human", "value": f"<image>\n{rng.choice(CAPTION_PROMPTS)}"},
+                      {"from": "gpt", "value": caption_text(f)}]
+            for q, a in qas:
+                turns += [{"from": "human", "value": _question(q)}, {"from": "gpt", "value": _sentence(q, a, f)}]
+        rows.append({"id": f"easyvqa-{split}-conv-{image_id}", "image": paths[image_id], "conversations": turns})
+    return rows
+
+
+def eval_items(split: str = "test", limit: int | None = None, seed: int = 0) -> list[dict[str, str]]:
+    """Single questions for exact-match evaluation: image, question (with the short-answer
+    instruction), answer and answer type. `limit` takes a seeded random sample."""
+    questions, paths = _load(split)
+    items = [
+        {"image": paths[image_id], "question": f"{SHORT_ANSWER}\n{_question(q)}", "answer": a,
+         "type": answer_type(a)}
+        for q, a, image_id in questions
+    ]
+    if limit is not None and limit < len(items):
+        items = random.Random(seed).sample(items, limit)
+    return items
+
+
+def image_paths(split: str) -> list[str]:
+    return [str(Path(p)) for _, p in sorted(_load(split)[1].items())]

@@ -1,0 +1,184 @@
+"""A procedural scene generator: several shapes per image, deterministic by seed.
+
+It teaches what easy-VQA lacks: counting, several objects with colours and sizes, and
+spatial relations, as captions, short-answer QA and multi-turn dialogues. The `test` split
+draws from a different seed stream than `train`, so it is held out by construction.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+COLORS = {
+    "red": (220, 30, 30), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 30),
+    "teal": (30, 160, 160), "brown": (130, 80, 30), "gray": (128, 128, 128), "black": (15, 15, 15),
+}
+SHAPES = ("circle", "square", "triangle")
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+CANVAS = 128
+CELL = CANVAS // 2  # objects sit in the cells of a 2x2 grid, so relations are unambiguous
+SPLIT_OFFSETS = {"train": 0, "test": 1_000_003}
+
+
+@dataclass
+class SceneObject:
+    shape: str
+    color: str
+    size: str  # "small" | "large"
+    col: int  # 0 left, 1 right
+    row: int  # 0 top, 1 bottom
+
+    @property
+    def name(self) -> str:
+        return f"{self.size} {self.color} {self.shape}"
+
+    @property
+    def where(self) -> str:
+        return f"{('top', 'bottom')[self.row]} {('left', 'right')[self.col]}"
+
+
+def make_scene(rng: random.Random) -> list[SceneObject]:
+    count = rng.randint(1, 4)
+    cells = rng.sample([(c, r) for r in range(2) for c in range(2)], count)
+    return [SceneObject(rng.choice(SHAPES), rng.choice(sorted(COLORS)), rng.choice(("small", "large")), c, r)
+            for c, r in cells]
+
+
+def render(objects: list[SceneObject], rng: random.Random) -> Image.Image:
+    img = Image.new("RGB", (CANVAS, CANVAS), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for obj in objects:
+        half = rng.randint(20, 26) if obj.size == "large" else rng.randint(9, 13)
+        cx = obj.col * CELL + CELL // 2 + rng.randint(-3, 3)
+        cy = obj.row * CELL + CELL // 2 + rng.randint(-3, 3)
+        box = (cx - half, cy - half, cx + half, cy + half)
+        fill = COLORS[obj.color]
+        if obj.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif obj.shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fill)
+    return img
+
+
+def _count_phrase(n: int) -> str:
+    return f"{NUMBER_WORDS[n]} shape" + ("s" if n > 1 else "")
+
+
+def caption(objects: list[SceneObject]) -> str:
+    parts = [f"a {o.name} at the {o.where}" for o in sorted(objects, key=lambda o: (o.row, o.col))]
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{_count_phrase(len(objects)).capitalize()}: {listed}."
+
+
+def questions(objects: list[SceneObject], rng: random.Random) -> list[tuple[str, str, str]]:
+    """(question, short answer, sentence answer) triples, each answerable from the scene."""
+    qa: list[tuple[str, str, str]] = []
+    n = len(objects)
+    qa.append(("How many shapes are there?", str(n), f"There {'is' if n == 1 else 'are'} {_count_phrase(n)}."))
+    color = rng.choice(sorted(COLORS))
+    k = sum(o.color == color for o in objects)
+    qa.append((f"How many {color} shapes are there?", str(k),
+               f"There {'is' if k == 1 else 'are'} {NUMBER_WORDS.get(k, 'no')} {color} shape{'s' * (k != 1)}."))
+    for obj in objects:
+        same_shape = [o for o in objects if o.shape == obj.shape]
+        if len(same_shape) == 1:
+            qa.append((f"What color is the {obj.shape}?", obj.color, f"The {obj.shape} is {obj.color}."))
+            qa.append((f"Where is the {obj.shape}?", obj.where, f"The {obj.shape} is at the {obj.where}."))
+        qa.append((f"What shape is at the {obj.where}?", obj.shape, f"There is a {obj.name} at the {obj.where}."))
+    shape, color = rng.choice(SHAPES), rng.choice(sorted(COLORS))
+    present = any(o.shape == shape and o.color == color for o in objects)
+    qa.append((f"Is there a {color} {shape}?", "yes" if present else "no",
+               f"{'Yes' if present else 'No'}, there is {'a' if present else 'no'} {color} {shape}."))
+    if n >= 2:
+        a, b = rng.sample(objects, 2)
+        if a.col != b.col:
+            left = a.col < b.col
+            qa.append((f"Is the {a.color} {a.shape} to the left of the {b.color} {b.shape}?",
+                       "yes" if left else "no",
+                       f"{'Yes' if left else 'No'}, the {a.color} {a.shape} is to the "
+                       f"{'left' if left else 'right'} of the {b.color} {b.shape}."))
+        if a.row != b.row:
+            above = a.row < b.row
+            qa.append((f"Is the {a.color} {a.shape} above the {b.color} {b.shape}?",
+                       "yes" if above else "no",
+                       f"{'Yes' if above else 'No'}, the {a.color} {a.shape} is "
+                       f"{'above' if above else 'below'} the {b.color} {b.shape}."))
+    return qa
+
+
+def question_type(question: str) -> str:
+    if question.startswith("How many"):
+        return "count"
+    if question.startswith(("Is the", "Where")):
+        return "spatial"
+    if question.startswith("What color"):
+        return "color"
+    if question.startswith("What shape"):
+        return "shape"
+    return "yes/no"
+
+
+def generate(split: str, n: int, out_dir: str | Path, seed: int = 0) -> list[dict[str, Any]]:
+    """Render `n` scenes of `split` (PNG files under out_dir) and return their annotations."""
+    if split not in SPLIT_OFFSETS:
+        raise ValueError(f"scene split {split!r}; use one of {sorted(SPLIT_OFFSETS)}")
+    out = Path(out_dir) / f"{split}-{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    scenes = []
+    for i in range(n):
+        rng = random.Random(seed * 7_919 + SPLIT_OFFSETS[split] + i)
+        objects = make_scene(rng)
+        path = out / f"{i:05d}.png"
+        if not path.is_file():
+            tmp = path.with_name(f".{path.name}.tmp")
+            render(objects, rng).save(tmp, format="PNG")
+            tmp.replace(path)
+        else:
+            render(objects, rng)  # keep the rng stream identical whether or not the file exists
+        scenes.append({"id": f"scene-{split}-{seed}-{i}", "image": str(path),
+                       "objects": [asdict(o) for o in objects], "qa": questions(objects, rng)})
+    return scenes
+
+
+def _objects(scene: dict[str, Any]) -> list[SceneObject]:
+    return [SceneObject(**o) for o in scene["objects"]]
+
+
+def to_captions(scenes: list[dict[str, Any]], prompts: list[str]) -> list[dict[str, Any]]:
+    return [{"id": s["id"] + "-cap", "image": s["image"], "conversations": [
+        {"from": "human", "value": f"<image>\n{prompts[i % len(prompts)]}"},
+        {"from": "gpt", "value": caption(_objects(s))}]} for i, s in enumerate(scenes)]
+
+
+def to_vqa(scenes: list[dict[str, Any]], instruction: str) -> list[dict[str, Any]]:
+    rows = []
+    for s in scenes:
+        turns = []
+        for k, (q, short, _long) in enumerate(s["qa"]):
+            text = f"<image>\n{instruction}\n{q}" if k == 0 else q
+            turns += [{"from": "human", "value": text}, {"from": "gpt", "value": short}]
+        rows.append({"id": s["id"] + "-vqa", "image": s["image"], "conversations": turns})
+    return rows
+
+
+def to_dialogues(scenes: list[dict[str, Any]], prompts: list[str], max_turns: int = 4) -> list[dict[str, Any]]:
+    rows = []
+    for i, s in enumerate(scenes):
+        turns = [{"from": "human", "value": f"<image>\n{prompts[i % len(prompts)]}"},
+                 {"from": "gpt", "value": caption(_objects(s))}]
+        for q, _short, sentence in s["qa"][:max_turns]:
+            turns += [{"from": "human", "value": q}, {"from": "gpt", "value": sentence}]
+        rows.append({"id": s["id"] + "-dlg", "image": s["image"], "conversations": turns})
+    return rows
+
+
+def eval_items(scenes: list[dict[str, Any]], instruction: str) -> list[dict[str, str]]:
+    return [{"image": s["image"], "question": f"{instruction}\n{q}", "answer": short, "type": question_type(q)}
+            for s in scenes for q, short, _ in s["qa"]]

@@ -1,0 +1,42 @@
+"""CLIP's symmetric contrastive (InfoNCE) loss with a learnable, clamped temperature.
+
+Used by the align stage's optional contrastive term and by the dual encoder.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# CLIP initialises the logit scale to 1/0.07 and clamps it at 100 so training stays stable.
+INIT_LOGIT_SCALE = math.log(1 / 0.07)
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+class LogitScale(nn.Module):
+    """exp(log_scale), clamped to at most 100 as in CLIP."""
+
+    def __init__(self, init: float = INIT_LOGIT_SCALE, max_log: float = MAX_LOGIT_SCALE) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(float(init)))
+        self.max_log = max_log
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.clamp(max=self.max_log).exp()
+
+
+def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Mean of image->text and text->image cross-entropy over a batch of matched pairs.
+
+    Embeddings are L2-normalised here; row i of each is a matching pair.
+    """
+    if image_emb.shape != text_emb.shape:
+        raise ValueError(f"image {tuple(image_emb.shape)} and text {tuple(text_emb.shape)} embeddings differ")
+    image_emb = F.normalize(image_emb.float(), dim=-1)
+    text_emb = F.normalize(text_emb.float(), dim=-1)
+    logits = logit_scale * image_emb @ text_emb.t()
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2

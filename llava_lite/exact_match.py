@@ -1,0 +1,66 @@
+"""Exact-match evaluation of short answers, overall and by answer type."""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_short_answer(text: str) -> str:
+    """Lowercase, drop punctuation and articles, collapse spaces ("The Circle." -> "circle")."""
+    text = _PUNCT.sub(" ", text.lower())
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def score_exact_match(predictions: Sequence[str], items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy overall and per item `type`; items carry `answer` and optionally `type`."""
+    if len(predictions) != len(items):
+        raise ValueError(f"{len(predictions)} predictions for {len(items)} items")
+    hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    correct = 0
+    for pred, item in zip(predictions, items, strict=True):
+        ok = normalize_short_answer(pred) == normalize_short_answer(item["answer"])
+        correct += ok
+        bucket = hits[item.get("type", "all")]
+        bucket[0] += ok
+        bucket[1] += 1
+    n = len(items)
+    return {
+        "accuracy": correct / n if n else 0.0,
+        "n": n,
+        "by_type": {k: {"accuracy": c / t, "n": t} for k, (c, t) in sorted(hits.items())},
+    }
+
+
+def evaluate_exact_match(
+    lite, items: Sequence[dict[str, Any]], batch_size: int = 16, max_new_tokens: int = 6, progress: bool = True
+) -> dict[str, Any]:
+    """Greedy answers from a `LlavaLite` for each item, scored by exact match.
+
+    Items are sorted by image so each image is encoded once (the API caches embeddings).
+    """
+    order = sorted(range(len(items)), key=lambda i: str(items[i]["image"]))
+    preds: list[str] = [""] * len(items)
+    bar = tqdm(total=len(items), desc="evaluating", unit="q", disable=not progress, leave=False)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        answers = lite.ask_batch([items[i]["image"] for i in idx], [items[i]["question"] for i in idx],
+                                 batch_size=batch_size, max_new_tokens=max_new_tokens)
+        for i, answer in zip(idx, answers, strict=True):
+            preds[i] = answer
+        bar.update(len(idx))
+    bar.close()
+    result = score_exact_match(preds, items)
+    result["predictions"] = [
+        {"question": it["question"], "answer": it["answer"], "prediction": p, "type": it.get("type", "all")}
+        for it, p in zip(items, preds, strict=True)
+    ]
+    return result

@@ -1,0 +1,63 @@
+"""`llava-lite train`: run a recipe's stages (registered as a llava-lite subcommand)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def cmd_train(args) -> int:
+    from train.loop import TrainingDivergedError, TrainingInterrupted
+    from train.recipe import STAGES, apply_overrides
+    from train.recipes import RECIPES, get_recipe, recipe_source
+    from train.run import run_recipe
+
+    if args.list:
+        for name in sorted(RECIPES):
+            print(f"{name:12s} {recipe_source(name)}")
+        return 0
+    if not args.recipe:
+        print("llava-lite train: error: --recipe is required (see --list)", file=sys.stderr)
+        return 2
+    recipe = get_recipe(args.recipe)
+    if args.overrides:
+        recipe = apply_overrides(recipe, args.overrides)
+    if args.skip_bad:
+        recipe.skip_bad = True
+    stages = list(STAGES) if args.stage == "all" else [args.stage]
+    output = Path(args.output or f"runs/{recipe.name}")
+    try:
+        summary = run_recipe(recipe, stages, output, resume=args.resume, recipe_file=recipe_source(args.recipe),
+                             progress=not args.no_progress)
+    except TrainingDivergedError as err:
+        print(f"llava-lite train: error: {err}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as err:
+        print(f"\nllava-lite train: {err}", file=sys.stderr)
+        return 130
+    print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "eval"} if isinstance(v, dict) else v)
+                      for k, v in summary.items()}, indent=2))
+    print(f"done: final model in {output}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="run a training recipe (align -> adapter -> instruct)",
+        description="Run a recipe's stages. Each stage starts from the previous stage's output folder "
+                    "(OUTPUT/1-align/model, ...). Overrides are key=value on the recipe, e.g. "
+                    "adapter.max_steps=50 model.llm.model_id=/path/to/llm.",
+    )
+    p.add_argument("--recipe", help="recipe name (see --list)")
+    p.add_argument("--stage", default="all", choices=["align", "adapter", "instruct", "all"],
+                   help="which stage to run (default: all, chained)")
+    p.add_argument("--output", help="run folder (default: runs/RECIPE)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint (model, optimizer, scheduler, RNG, data position)")
+    p.add_argument("--skip-bad", action="store_true", help="drop malformed rows (counted) instead of failing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--list", action="store_true", help="list the recipes and exit")
+    p.add_argument("overrides", nargs="*", help="recipe overrides as key=value (values parsed as JSON)")
+    p.set_defaults(func=cmd_train)

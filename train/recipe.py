@@ -1,0 +1,178 @@
+"""Training recipes: plain dataclasses, saved as JSON with every run, overridable as key=value."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any
+
+from llava_lite.config import ConfigError, LlavaLiteConfig
+
+STAGES = ("align", "adapter", "instruct")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class DataSpec:
+    """One training source: a named builder from `data.builders` or a LLaVA JSON/JSONL file
+    (or `datasets.save_to_disk` folder) with its image root."""
+
+    name: str | None = None
+    path: str | None = None
+    image_root: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+    limit: int | None = None
+
+
+@dataclass
+class EvalSpec:
+    """An exact-match evaluation set from `data.builders.EVAL_SETS`, run at a stage's end."""
+
+    name: str = "easyvqa-test"
+    args: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 16
+
+
+@dataclass
+class StageConfig:
+    """One stage. `batch_size` is the global batch per optimizer step; each process runs
+    micro-batches of `micro_batch_size` and gradients accumulate over the rest."""
+
+    data: list[DataSpec] = field(default_factory=list)
+    train_projector: bool = True
+    lora: bool = False
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    micro_batch_size: int = 8
+    lr: float = 2e-4
+    projector_lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    contrastive_weight: float = 0.0
+    eval: list[EvalSpec] = field(default_factory=list)
+    enabled: bool = True
+
+
+@dataclass
+class TrainRecipe:
+    name: str = "custom"
+    model: LlavaLiteConfig = field(default_factory=LlavaLiteConfig)
+    align: StageConfig = field(default_factory=StageConfig)
+    adapter: StageConfig = field(default_factory=lambda: StageConfig(lora=True))
+    instruct: StageConfig = field(default_factory=lambda: StageConfig(lora=True))
+    precision: str = "fp32"
+    seed: int = 0
+    cache_features: bool = True
+    gradient_checkpointing: bool = False
+    group_by_length: bool = True
+    save_every: int = 50
+    keep_last: int = 2
+    skip_bad: bool = False
+    feature_batch_size: int = 32
+    num_threads: int | None = None
+
+    def stage(self, name: str) -> StageConfig:
+        if name not in STAGES:
+            raise ConfigError(f"stage {name!r}; use one of {STAGES}")
+        return getattr(self, name)
+
+    def validate(self) -> TrainRecipe:
+        self.model.validate()
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r}; use one of {PRECISIONS}")
+        if self.save_every <= 0 or self.keep_last <= 0:
+            raise ConfigError("save_every and keep_last must be positive")
+        for name in STAGES:
+            st = self.stage(name)
+            if st.batch_size <= 0 or st.micro_batch_size <= 0 or st.batch_size % st.micro_batch_size:
+                raise ConfigError(
+                    f"{name}: batch_size={st.batch_size} must be a positive multiple of "
+                    f"micro_batch_size={st.micro_batch_size}"
+                )
+            if st.enabled and not st.data:
+                raise ConfigError(f"{name}: no data sources")
+            if not st.train_projector and not st.lora:
+                raise ConfigError(f"{name}: nothing to train (train_projector and lora are both off)")
+            if st.lr <= 0 or st.projector_lr <= 0 or not 0 <= st.warmup_ratio < 1:
+                raise ConfigError(f"{name}: learning rates must be > 0 and 0 <= warmup_ratio < 1")
+            if st.max_steps is None and st.epochs <= 0:
+                raise ConfigError(f"{name}: give epochs > 0 or max_steps")
+            for spec in st.data:
+                if (spec.name is None) == (spec.path is None):
+                    raise ConfigError(f"{name}: each data source needs exactly one of name or path; got {spec}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<recipe>") -> TrainRecipe:
+        return _build(cls, data, source).validate()
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if cls is LlavaLiteConfig:
+        return LlavaLiteConfig.from_dict(data, source=where)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected an object for {cls.__name__}, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} for {cls.__name__}; known: {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    nested = {"model": LlavaLiteConfig, "align": StageConfig, "adapter": StageConfig, "instruct": StageConfig}
+    for key, value in data.items():
+        if cls is TrainRecipe and key in nested:
+            kwargs[key] = _build(nested[key], value, f"{where}.{key}")
+        elif cls is StageConfig and key == "data":
+            kwargs[key] = [_build(DataSpec, v, f"{where}.data[{i}]") for i, v in enumerate(value)]
+        elif cls is StageConfig and key == "eval":
+            kwargs[key] = [_build(EvalSpec, v, f"{where}.eval[{i}]") for i, v in enumerate(value)]
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare string such as a path or model id
+
+
+def apply_overrides(recipe: TrainRecipe, overrides: list[str]) -> TrainRecipe:
+    """Apply `a.b.c=value` overrides (values parsed as JSON, else taken as strings)."""
+    data = recipe.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        node: Any = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = _child(node, part, key)
+        _child(node, parts[-1], key)  # the field must exist
+        node[int(parts[-1]) if isinstance(node, list) else parts[-1]] = _parse_value(raw)
+    return TrainRecipe.from_dict(data, source="overrides")
+
+
+def _child(node: Any, part: str, key: str) -> Any:
+    """`part` of a dict, or item `part` (an index) of a list such as `align.data.0.path`."""
+    if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+        return node[int(part)]
+    if isinstance(node, dict) and part in node:
+        return node[part]
+    raise ConfigError(f"override {key!r}: no such recipe field {part!r}")
+
+
+def replace(obj: Any, **changes: Any) -> Any:
+    """dataclasses.replace that also deep-copies nested dataclasses (recipes are shared)."""
+    import copy
+    import dataclasses
+
+    if not is_dataclass(obj):
+        raise TypeError(obj)
+    return dataclasses.replace(copy.deepcopy(obj), **changes)

@@ -1,0 +1,131 @@
+"""Training state on disk: model weights, optimizer, scheduler, RNG and data position.
+
+Everything is safetensors or JSON (nothing is unpickled). A checkpoint is written to a temp
+folder and renamed into place, so a crash at any moment leaves only complete checkpoints;
+the newest `keep_last` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llava_lite.checkpoint import save_checkpoint
+
+STATE_TENSORS = "train_state.safetensors"
+STATE_JSON = "train_state.json"
+MODEL_DIR = "model"
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for idx, slots in sd["state"].items():
+        for key, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def save_train_state(
+    ckpt_root: Path, step: int, model, optimizer, scheduler, extra: dict[str, Any], keep_last: int,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=ckpt_root))
+    try:
+        save_checkpoint(model, tmp / MODEL_DIR)
+        tensors, optim_meta = _optimizer_tensors(optimizer)
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for i, state in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = state
+        for key, value in (extra_tensors or {}).items():
+            tensors[f"extra.{key}"] = value.detach().contiguous().cpu()
+        save_file(tensors, str(tmp / STATE_TENSORS))
+        meta = {
+            "step": step,
+            "optimizer": optim_meta,
+            "scheduler": scheduler.state_dict(),
+            "python_random": _jsonable(random.getstate()),
+            **extra,
+        }
+        (tmp / STATE_JSON).write_text(json.dumps(meta))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    for old in list_checkpoints(ckpt_root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _tuplify(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tuplify(v) for v in value)
+    return value
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp folders from a crash are ignored)."""
+    if not ckpt_root.is_dir():
+        return []
+    done = [p for p in ckpt_root.iterdir()
+            if p.is_dir() and p.name.startswith("step-") and (p / STATE_JSON).is_file()]
+    return sorted(done, key=lambda p: p.name)
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    found = list_checkpoints(ckpt_root)
+    return found[-1] if found else None
+
+
+def clean_partial(ckpt_root: Path) -> None:
+    """Remove temp folders a killed run left behind."""
+    if ckpt_root.is_dir():
+        for p in ckpt_root.iterdir():
+            if p.name.startswith("."):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def load_train_state(ckpt: Path, optimizer, scheduler) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Restore optimizer, scheduler and RNG; return (metadata, extra tensors)."""
+    meta = json.loads((ckpt / STATE_JSON).read_text())
+    tensors = load_file(str(ckpt / STATE_TENSORS))
+    sd = {"state": {}, "param_groups": meta["optimizer"]["param_groups"]}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, slot = key.split(".", 2)
+            sd["state"].setdefault(int(idx), {})[slot] = value
+    for key, value in meta["optimizer"]["scalars"].items():
+        idx, slot = key.split(".", 1)
+        sd["state"].setdefault(int(idx), {})[slot] = value
+    optimizer.load_state_dict(sd)
+    scheduler.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    random.setstate(_tuplify(meta["python_random"]))
+    extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    return meta, extra
