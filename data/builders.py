@@ -15,6 +15,8 @@ from typing import Any
 from data import easyvqa, scenes
 from llava_lite.llava_data import write_rows
 
+# Bumped whenever a builder's output changes, so files built by older code are not reused.
+BUILD_VERSION = 2
 TrainBuilder = Callable[..., list[dict[str, Any]]]
 EvalBuilder = Callable[..., list[dict[str, str]]]
 
@@ -29,7 +31,7 @@ def _scenes(root: Path, split: str, n: int, seed: int) -> list[dict[str, Any]]:
 
 TRAIN_SETS: dict[str, TrainBuilder] = {
     "easyvqa-captions": lambda root, seed=0, **kw: easyvqa.build_captions("train", seed=seed),
-    "easyvqa-vqa": lambda root, seed=0, **kw: easyvqa.build_vqa("train", seed=seed, **kw),
+    "easyvqa-vqa": lambda root, seed=0: easyvqa.build_vqa("train", seed=seed),
     "easyvqa-conversations": lambda root, seed=0, **kw: easyvqa.build_conversations("train", seed=seed, **kw),
     "scenes-captions": lambda root, n=1000, seed=0: scenes.to_captions(
         _scenes(root, "train", n, seed), easyvqa.CAPTION_PROMPTS),
@@ -51,7 +53,7 @@ def build_train_set(name: str, root: str | Path, **kwargs: Any) -> Path:
         raise KeyError(f"unknown training set {name!r}; known: {sorted(TRAIN_SETS)}")
     root = Path(root)
     suffix = "-".join(f"{k}{v}" for k, v in sorted(kwargs.items()))
-    path = root / "sets" / f"{name}{'-' + suffix if suffix else ''}.json"
+    path = root / "sets" / f"{name}-v{BUILD_VERSION}{'-' + suffix if suffix else ''}.json"
     if not path.is_file():
         write_rows(TRAIN_SETS[name](root, **kwargs), path)
     return path

@@ -1,10 +1,9 @@
 """easy-VQA (PyPI `easy-vqa`, MIT) as the sets each training stage needs.
 
 - captions (align): one brief description per image, from the image's shape and colour;
-- vqa (adapter): every question about an image packed into one multi-turn short-answer
-  conversation, so the image and system prompt are paid for once per image;
-- conversations (instruct): mixed dialogues: a detailed description, sentence answers and
-  short answers;
+- vqa (adapter): one short-answer row per question; training packs an image's rows with a
+  shared prefix, so the image and system prompt are paid for once per image;
+- conversations (instruct): dialogues with sentence answers, then a description;
 - the official test split is only ever used for evaluation (`eval_items`).
 """
 
@@ -105,27 +104,23 @@ def _by_image(questions: list[tuple[str, str, int]]) -> dict[int, list[tuple[str
     return grouped
 
 
-def build_vqa(split: str = "train", seed: int = 0, max_turns: int = 16) -> list[dict[str, Any]]:
-    """One short-answer conversation per image holding (up to `max_turns` of) its questions."""
+def build_vqa(split: str = "train", seed: int = 0) -> list[dict[str, Any]]:
+    """One single-question short-answer row per question (standard LLaVA rows). Training packs
+    the rows of an image with a shared prefix (`pack_shared_prefix`), so each question is
+    learnt alone, as it is asked at inference, while the image is paid for once."""
     questions, paths = _load(split)
-    rng = random.Random(seed)
     rows = []
-    for image_id, qas in sorted(_by_image(questions).items()):
-        qas = list(qas)
-        rng.shuffle(qas)
-        for part in range(0, len(qas), max_turns):
-            turns = []
-            for k, (q, a) in enumerate(qas[part:part + max_turns]):
-                text = f"<image>\n{SHORT_ANSWER}\n{_question(q)}" if k == 0 else _question(q)
-                turns += [{"from": "human", "value": text}, {"from": "gpt", "value": a}]
-            rows.append({"id": f"easyvqa-{split}-vqa-{image_id}-{part}", "image": paths[image_id],
-                         "conversations": turns})
+    for index, (q, a, image_id) in enumerate(questions):
+        rows.append({"id": f"easyvqa-{split}-q{index}", "image": paths[image_id], "conversations": [
+            {"from": "human", "value": f"<image>\n{SHORT_ANSWER}\n{_question(q)}"},
+            {"from": "gpt", "value": a}]})
+    random.Random(seed).shuffle(rows)
     return rows
 
 
-def build_conversations(split: str = "train", seed: int = 0, max_turns: int = 6) -> list[dict[str, Any]]:
-    """Instruction-style dialogues: a description, then sentence answers (or, for half the
-    images, the short-answer format), so both styles survive instruction tuning."""
+def build_conversations(split: str = "train", seed: int = 0, max_turns: int = 4) -> list[dict[str, Any]]:
+    """Instruction-style dialogues: questions answered in sentences, then a description.
+    Questions come first so they are answered from the image, not from an earlier caption."""
     questions, paths = _load(split)
     facts = image_facts(split)
     rng = random.Random(seed + 1)
@@ -133,19 +128,14 @@ def build_conversations(split: str = "train", seed: int = 0, max_turns: int = 6)
     for image_id, qas in sorted(_by_image(questions).items()):
         qas = list(qas)
         rng.shuffle(qas)
-        qas = qas[:max_turns]
         f = facts.get(image_id, {})
-        short = rng.random() < 0.5
         turns = []
-        if short:
-            for k, (q, a) in enumerate(qas):
-                text = f"<image>\n{SHORT_ANSWER}\n{_question(q)}" if k == 0 else _question(q)
-                turns += [{"from": "human", "value": text}, {"from": "gpt", "value": a}]
-        else:
-            turns += [{"from": "human", "value": f"<image>\n{rng.choice(CAPTION_PROMPTS)}"},
+        for k, (q, a) in enumerate(qas[:max_turns]):
+            text = f"<image>\n{_question(q)}" if k == 0 else _question(q)
+            turns += [{"from": "human", "value": text}, {"from": "gpt", "value": _sentence(q, a, f)}]
+        if f:
+            turns += [{"from": "human", "value": rng.choice(CAPTION_PROMPTS)},
                       {"from": "gpt", "value": caption_text(f)}]
-            for q, a in qas:
-                turns += [{"from": "human", "value": _question(q)}, {"from": "gpt", "value": _sentence(q, a, f)}]
         rows.append({"id": f"easyvqa-{split}-conv-{image_id}", "image": paths[image_id], "conversations": turns})
     return rows
 

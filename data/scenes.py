@@ -158,23 +158,22 @@ def to_captions(scenes: list[dict[str, Any]], prompts: list[str]) -> list[dict[s
 
 
 def to_vqa(scenes: list[dict[str, Any]], instruction: str) -> list[dict[str, Any]]:
-    rows = []
-    for s in scenes:
-        turns = []
-        for k, (q, short, _long) in enumerate(s["qa"]):
-            text = f"<image>\n{instruction}\n{q}" if k == 0 else q
-            turns += [{"from": "human", "value": text}, {"from": "gpt", "value": short}]
-        rows.append({"id": s["id"] + "-vqa", "image": s["image"], "conversations": turns})
-    return rows
+    """One single-question short-answer row per question."""
+    return [{"id": f"{s['id']}-q{k}", "image": s["image"], "conversations": [
+        {"from": "human", "value": f"<image>\n{instruction}\n{q}"}, {"from": "gpt", "value": short}]}
+        for s in scenes for k, (q, short, _long) in enumerate(s["qa"])]
 
 
 def to_dialogues(scenes: list[dict[str, Any]], prompts: list[str], max_turns: int = 4) -> list[dict[str, Any]]:
+    """Questions answered in sentences, then a description of the whole scene."""
     rows = []
     for i, s in enumerate(scenes):
-        turns = [{"from": "human", "value": f"<image>\n{prompts[i % len(prompts)]}"},
-                 {"from": "gpt", "value": caption(_objects(s))}]
-        for q, _short, sentence in s["qa"][:max_turns]:
-            turns += [{"from": "human", "value": q}, {"from": "gpt", "value": sentence}]
+        turns = []
+        for k, (q, _short, sentence) in enumerate(s["qa"][:max_turns]):
+            turns += [{"from": "human", "value": f"<image>\n{q}" if k == 0 else q},
+                      {"from": "gpt", "value": sentence}]
+        turns += [{"from": "human", "value": prompts[i % len(prompts)]},
+                  {"from": "gpt", "value": caption(_objects(s))}]
         rows.append({"id": s["id"] + "-dlg", "image": s["image"], "conversations": turns})
     return rows
 

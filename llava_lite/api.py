@@ -264,5 +264,71 @@ class LlavaLite:
             answers.extend(tok.decode(row, skip_special_tokens=True).strip() for row in out)
         return answers
 
+    @torch.no_grad()
+    def ask_many(self, image: ImageInput, questions: Sequence[str], max_new_tokens: int = 32) -> list[str]:
+        """Greedy answers to several questions about one image.
+
+        The prompt prefix the questions share (system prompt, image block, any common text)
+        runs once; its KV cache is then copied to every question and the different suffixes
+        decode as one batch. The answers equal `ask(image, q)` for each question, at a
+        fraction of the prefill cost.
+        """
+        if not questions:
+            return []
+        prompts = [self.processor.encode_prompt([self.user_message(q)], max_new_tokens=max_new_tokens)
+                   for q in questions]
+        shared = _common_prefix_len(prompts)
+        shared = min(shared, min(len(p) for p in prompts) - 1)  # every row keeps >= 1 own token
+        embeds = self.encode_images([image])
+        head = torch.tensor([prompts[0][:shared]], device=self.device)
+        # The shared prefix holds the whole image block (questions follow the image), so the
+        # image embeddings are scattered into the prefix only.
+        if int((head == self.processor.image_token_id).sum()) != self.processor.num_image_tokens:
+            return self.ask_batch([image] * len(questions), questions, max_new_tokens=max_new_tokens)
+        head_embeds = self.model.embed(head, embeds)
+        llm = self.model.llm
+        out = llm(inputs_embeds=head_embeds, use_cache=True)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(len(prompts))
+        tails = [p[shared:] for p in prompts]
+        width = max(len(t) for t in tails)
+        pad = self.processor.pad_token_id
+        ids = torch.full((len(tails), width), pad, dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(tails), shared + width), dtype=torch.long, device=self.device)
+        mask[:, :shared] = 1
+        for row, tail in enumerate(tails):  # left-pad the tails: pads sit between prefix and tail
+            ids[row, width - len(tail):] = torch.tensor(tail)
+            mask[row, shared + width - len(tail):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        eos = self.processor.tokenizer.eos_token_id
+        done = torch.zeros(len(tails), dtype=torch.bool, device=self.device)
+        generated: list[torch.Tensor] = []
+        step_ids, step_pos = ids, positions[:, shared:]
+        for _ in range(max_new_tokens):
+            out = llm(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
+                      use_cache=True)
+            cache = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            generated.append(nxt)
+            done |= nxt == eos
+            if bool(done.all()):
+                break
+            step_ids = nxt[:, None]
+            step_pos = step_pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        tokens = torch.stack(generated, dim=1)
+        tok = self.processor.tokenizer
+        return [tok.decode(row, skip_special_tokens=True).strip() for row in tokens]
+
     def caption_batch(self, images: Sequence[ImageInput], batch_size: int = 8, **gen) -> list[str]:
         return self.ask_batch(images, [CAPTION_PROMPT] * len(images), batch_size=batch_size, **gen)
+
+
+def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs[1:]):
+            return i
+    return n

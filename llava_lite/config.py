@@ -21,7 +21,8 @@ class VisionConfig:
     name: registry key (`clip`, `efficientnet-lite0`).
     model_id: Hub id or local folder, for towers that load transformers weights.
     feature_layer: hidden-state index whose features are used (CLIP towers).
-    feature_strategy: `patch` drops the CLS token, `cls_patch` keeps it.
+    feature_strategy: `patch` drops the CLS token, `cls_patch` keeps it (CNN towers prepend a
+        global average-pooled token in its place).
     """
 
     name: str = "efficientnet-lite0"

@@ -41,26 +41,28 @@ def score_exact_match(predictions: Sequence[str], items: Sequence[dict[str, Any]
 
 
 def evaluate_exact_match(
-    lite, items: Sequence[dict[str, Any]], batch_size: int = 16, max_new_tokens: int = 6, progress: bool = True
+    lite, items: Sequence[dict[str, Any]], max_new_tokens: int = 6, progress: bool = True
 ) -> dict[str, Any]:
     """Greedy answers from a `LlavaLite` for each item, scored by exact match.
 
-    Items are sorted by image so each image is encoded once (the API caches embeddings).
+    Questions about the same image are answered together with `LlavaLite.ask_many`, which
+    runs their shared prompt prefix (system prompt and image block) once.
     """
-    order = sorted(range(len(items)), key=lambda i: str(items[i]["image"]))
+    by_image: dict[str, list[int]] = defaultdict(list)
+    for i, item in enumerate(items):
+        by_image[str(item["image"])].append(i)
     preds: list[str] = [""] * len(items)
     bar = tqdm(total=len(items), desc="evaluating", unit="q", disable=not progress, leave=False)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        answers = lite.ask_batch([items[i]["image"] for i in idx], [items[i]["question"] for i in idx],
-                                 batch_size=batch_size, max_new_tokens=max_new_tokens)
+    for image, idx in by_image.items():
+        answers = lite.ask_many(image, [items[i]["question"] for i in idx], max_new_tokens=max_new_tokens)
         for i, answer in zip(idx, answers, strict=True):
             preds[i] = answer
         bar.update(len(idx))
     bar.close()
     result = score_exact_match(preds, items)
     result["predictions"] = [
-        {"question": it["question"], "answer": it["answer"], "prediction": p, "type": it.get("type", "all")}
+        {"image": str(it["image"]), "question": it["question"], "answer": it["answer"], "prediction": p,
+         "type": it.get("type", "all")}
         for it, p in zip(items, preds, strict=True)
     ]
     return result

@@ -167,3 +167,24 @@ def test_siglip_tower_keeps_every_patch(tmp_path, tiny_llm_dir, images):
     model, processor = build_model(config)
     assert processor.num_image_tokens == 16  # no CLS token in SigLIP
     assert model.encode_images(processor.pixel_values(images[:2])).shape == (2, 16, 64)
+
+
+def test_ask_many_shares_the_prefix_and_equals_ask(tiny_lite, images):
+    lite = tiny_lite(lora=True, seed=4)
+    questions = ["What is it?", "Describe the colours in this picture please.", "Why?", "Count the shapes."]
+    singles = [lite.ask(images[1], q, max_new_tokens=8) for q in questions]
+    assert len(set(singles)) > 1
+    assert lite.ask_many(images[1], questions, max_new_tokens=8) == singles
+    assert lite.ask_many(images[1], questions[:1], max_new_tokens=8) == singles[:1]
+
+
+def test_efficientnet_cls_patch_prepends_the_global_token(images):
+    from llava_lite.config import VisionConfig
+    from llava_lite.registry import VISION_TOWERS
+
+    build = VISION_TOWERS.get("efficientnet-lite0")
+    patch, cls = build(VisionConfig()), build(VisionConfig(feature_strategy="cls_patch"))
+    pixels = patch.preprocess([img.convert("RGB") for img in images[:2]])
+    a, b = patch(pixels), cls(pixels)
+    assert (patch.num_tokens, cls.num_tokens) == (49, 50) and b.shape == (2, 50, 1280)
+    assert torch.allclose(b[:, 1:], a) and torch.allclose(b[:, 0], a.mean(1), atol=1e-5)

@@ -12,7 +12,7 @@ def cmd_train(args) -> int:
     from train.loop import TrainingDivergedError, TrainingInterrupted
     from train.recipe import STAGES, apply_overrides
     from train.recipes import RECIPES, get_recipe, recipe_source
-    from train.run import run_recipe
+    from train.run import last_model_dir, run_recipe
 
     if args.list:
         for name in sorted(RECIPES):
@@ -39,7 +39,12 @@ def cmd_train(args) -> int:
         return 130
     print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "eval"} if isinstance(v, dict) else v)
                       for k, v in summary.items()}, indent=2))
-    print(f"done: final model in {output}")
+    final = last_model_dir(recipe, output)
+    print(f"done: final model in {final}")
+    if args.publish:
+        from train.publish import publish
+
+        print(f"published (fp16 weights) to {publish(final, args.publish)}")
     return 0
 
 
@@ -58,6 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="continue from the newest checkpoint (model, optimizer, scheduler, RNG, data position)")
     p.add_argument("--skip-bad", action="store_true", help="drop malformed rows (counted) instead of failing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--publish", metavar="DIR", help="also write the final model to DIR as a compact fp16 checkpoint "
+                   "(llava_lite/assets/demo-model is the built-in default model)")
     p.add_argument("--list", action="store_true", help="list the recipes and exit")
     p.add_argument("overrides", nargs="*", help="recipe overrides as key=value (values parsed as JSON)")
     p.set_defaults(func=cmd_train)

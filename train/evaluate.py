@@ -22,7 +22,7 @@ def run_stage_eval(model, processor, specs: list[EvalSpec], out_dir: Path, progr
     summary: dict[str, Any] = {}
     for spec in specs:
         items = build_eval_set(spec.name, cache_dir() / "data", **spec.args)
-        result = evaluate_exact_match(lite, items, batch_size=spec.batch_size, progress=progress)
+        result = evaluate_exact_match(lite, items, progress=progress)
         preds = result.pop("predictions")
         with open(out_dir / f"eval-{spec.name}.jsonl", "w") as fh:
             for p in preds:
@@ -32,3 +32,81 @@ def run_stage_eval(model, processor, specs: list[EvalSpec], out_dir: Path, progr
         print(f"[eval] {spec.name}: {result['accuracy']:.2%} of {result['n']} ({by_type})", flush=True)
     (out_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+# -- `llava-lite eval` ------------------------------------------------------------------------
+EXACT_MATCH_TASKS = {"easyvqa": "easyvqa-test", "scenes": "scenes-test"}
+
+
+def write_reports(result: dict[str, Any], out_dir: Path, title: str) -> None:
+    """JSON summary, a markdown table and a bar chart of accuracy by answer type."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# {title}", "", "| answer type | accuracy | n |", "|---|---|---|"]
+    for kind, v in result["by_type"].items():
+        lines.append(f"| {kind} | {v['accuracy']:.2%} | {v['n']} |")
+    lines.append(f"| **all** | **{result['accuracy']:.2%}** | {result['n']} |")
+    (out_dir / "result.md").write_text("\n".join(lines) + "\n")
+    kinds = [*result["by_type"], "all"]
+    accs = [result["by_type"][k]["accuracy"] for k in result["by_type"]] + [result["accuracy"]]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    bars = ax.bar(kinds, [a * 100 for a in accs], color=["tab:blue"] * (len(kinds) - 1) + ["tab:green"])
+    ax.bar_label(bars, labels=[f"{a:.1%}" for a in accs], fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("exact match (%)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_dir / "result.png")
+    plt.close(fig)
+
+
+def cmd_eval(args) -> int:
+    import time
+
+    import torch
+
+    from data.builders import build_eval_set
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lite = LlavaLite.from_pretrained(args.model, quantize=args.quantize)
+    if lite.config.lora.enabled and not args.no_merge:
+        lite.merge_lora()  # same function, twice the decode speed
+    set_args: dict[str, Any] = {"limit": args.limit}
+    if args.task == "scenes":
+        set_args["n"] = args.scenes
+    items = build_eval_set(EXACT_MATCH_TASKS[args.task], cache_dir() / "data", **set_args)
+    t0 = time.perf_counter()
+    result = evaluate_exact_match(lite, items, max_new_tokens=args.max_new_tokens)
+    seconds = time.perf_counter() - t0
+    preds = result.pop("predictions")
+    result.update(task=args.task, model=lite.source, quantization=lite.quantization, seconds=round(seconds, 1),
+                  questions_per_s=round(len(items) / seconds, 2))
+    out = Path(args.out or f"runs/eval/{args.task}")
+    write_reports(result, out, f"{args.task}: {lite.source}")
+    with open(out / "predictions.jsonl", "w") as fh:
+        for p in preds:
+            fh.write(json.dumps(p) + "\n")
+    by_type = ", ".join(f"{k} {v['accuracy']:.2%} (n={v['n']})" for k, v in result["by_type"].items())
+    print(f"{args.task}: {result['accuracy']:.2%} exact match on {result['n']} questions ({by_type}); "
+          f"{seconds:.0f}s, {result['questions_per_s']} q/s -> {out}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model (exact match on easy-VQA or the scene generator's test split)")
+    p.add_argument("--model", default=None, help="checkpoint (default: the built-in model)")
+    p.add_argument("--task", required=True, choices=sorted(EXACT_MATCH_TASKS), help="evaluation task")
+    p.add_argument("--limit", type=int, default=None, help="a seeded random sample of N questions (default: all)")
+    p.add_argument("--scenes", type=int, default=200, help="scenes task: number of held-out scenes (default: 200)")
+    p.add_argument("--out", default=None, help="report folder (default: runs/eval/TASK)")
+    p.add_argument("--quantize", default="none", choices=["none", "8bit", "4bit"], help="LLM quantization")
+    p.add_argument("--max-new-tokens", type=int, default=6, help="answer length cap (default: 6)")
+    p.add_argument("--no-merge", action="store_true", help="keep the LoRA adapter unmerged")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.set_defaults(func=cmd_eval)

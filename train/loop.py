@@ -21,11 +21,12 @@ from llava_lite.config import ConfigError, LlavaLiteConfig
 from llava_lite.contrastive import LogitScale, clip_loss
 from llava_lite.feature_cache import FeatureCache
 from llava_lite.images import load_image
-from llava_lite.llava_data import DataValidationError, EncodedRow, encode_rows, load_rows
+from llava_lite.llava_data import DataValidationError, encode_rows, load_rows
 from llava_lite.lora import add_lora, is_peft
 from llava_lite.packaged import cache_dir
 from llava_lite.prompting import IGNORE_INDEX
 from train.batching import BatchSchedule, shard
+from train.packing import Pack, pack_attention, pack_rows, single
 from train.recipe import StageConfig, TrainRecipe
 from train.state import clean_partial, latest_checkpoint, load_train_state, save_train_state
 
@@ -52,12 +53,14 @@ class TrainModule(nn.Module):
         self.model = model
         self.logit_scale = LogitScale() if contrastive else None
 
-    def forward(self, input_ids, attention_mask, labels, vision_features=None, pixel_values=None):
+    def forward(self, input_ids, attention_mask, labels, vision_features=None, pixel_values=None,
+                position_ids=None):
         image_embeds = None
         if vision_features is not None or pixel_values is not None:
             image_embeds = self.model.encode_images(pixel_values=pixel_values, vision_features=vision_features)
+        extra = {} if position_ids is None else {"position_ids": position_ids}
         out = self.model(input_ids, attention_mask=attention_mask, image_embeds=image_embeds, labels=labels,
-                         return_logits=False)
+                         return_logits=False, **extra)
         ce_sum = out.loss * out.num_label_tokens
         if self.logit_scale is None or image_embeds is None or image_embeds.shape[0] != input_ids.shape[0]:
             return ce_sum, None
@@ -69,9 +72,10 @@ class TrainModule(nn.Module):
 
 @dataclass
 class StageData:
-    rows: list[EncodedRow]
+    rows: list[Pack]  # training items: single rows, or prefix-shared packs of rows
     problems: list[str]
     label_counts: list[int]
+    num_rows: int
 
 
 def load_stage_data(recipe: TrainRecipe, stage: StageConfig, processor, progress: bool = True) -> StageData:
@@ -97,8 +101,12 @@ def load_stage_data(recipe: TrainRecipe, stage: StageConfig, processor, progress
         raise DataValidationError(problems, total)
     if not encoded:
         raise ConfigError("no usable training rows")
-    counts = [sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in encoded]
-    return StageData(encoded, problems, counts)
+    if stage.pack_shared_prefix:
+        items = pack_rows(encoded, processor.image_token_id, stage.max_pack, processor.config.max_length)
+    else:
+        items = [single(e) for e in encoded]
+    counts = [sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in items]
+    return StageData(items, problems, counts, len(encoded))
 
 
 def build_stage_model(recipe: TrainRecipe, stage: StageConfig, init_from: Path | None):
@@ -167,9 +175,13 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _collate(rows: list[EncodedRow], processor, cache: FeatureCache | None, tower) -> dict[str, torch.Tensor]:
-    batch = processor.collate_training(rows)
-    images = [p for r in rows for p in r.row.images]
+def _collate(packs: list[Pack], processor, cache: FeatureCache | None, tower, packed: bool) -> dict[str, torch.Tensor]:
+    input_ids, attention_mask = processor.pad([p.input_ids for p in packs], side="right")
+    labels, _ = processor.pad([p.labels for p in packs], side="right", value=IGNORE_INDEX)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if packed:
+        batch["attention_mask"], batch["position_ids"] = pack_attention(packs, input_ids.shape[1])
+    images = [p for pack in packs for p in pack.images]
     if images:
         if cache is not None:
             batch["vision_features"] = cache.get_many(images).float()
@@ -202,14 +214,16 @@ def train_stage(
 ) -> dict[str, Any]:
     """Train one stage into `out_dir` (its final model goes to `out_dir/model`)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     wall0 = time.perf_counter()
     stage = recipe.stage(stage_name)
     out = Path(out_dir)
     ckpt_root = out / "checkpoints"
+    # A micro-batch of text-only rows leaves the projector unused; DDP must allow that.
     accelerator = Accelerator(mixed_precision="no" if recipe.precision == "fp32" else recipe.precision,
-                              cpu=not torch.cuda.is_available())
+                              cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     main = accelerator.is_main_process
     if recipe.num_threads:
         torch.set_num_threads(recipe.num_threads)
@@ -233,7 +247,7 @@ def train_stage(
     t_cache = time.perf_counter()
     if recipe.cache_features:
         cache = FeatureCache(cache_dir() / "features", model.config.vision)
-        images = sorted({p for r in data.rows for p in r.row.images})
+        images = sorted({p for r in data.rows for p in r.images})
         with accelerator.main_process_first():
             cache.build(images, model.vision_tower, batch_size=recipe.feature_batch_size, progress=progress and main)
     cache_seconds = time.perf_counter() - t_cache
@@ -294,7 +308,8 @@ def train_stage(
             ce_total = torch.zeros((), device=accelerator.device)
             con_total = torch.zeros((), device=accelerator.device)
             for k, idx in enumerate(chunks):
-                batch = _collate([data.rows[i] for i in idx], processor, cache, unwrapped.model.vision_tower)
+                batch = _collate([data.rows[i] for i in idx], processor, cache, unwrapped.model.vision_tower,
+                                 stage.pack_shared_prefix)
                 batch = {key: v.to(accelerator.device) for key, v in batch.items()}
                 sync = accelerator.no_sync(module) if k < len(chunks) - 1 else nullcontext()
                 with sync:
@@ -349,7 +364,7 @@ def train_stage(
     result: dict[str, Any] = {"stage": stage_name, "steps": total, "resumed_from": start,
                               "final_loss": last_loss, "train_seconds": round(train_seconds, 2),
                               "feature_cache_seconds": round(cache_seconds, 2),
-                              "rows": len(data.rows), "skipped_rows": len(data.problems)}
+                              "rows": data.num_rows, "packs": len(data.rows), "skipped_rows": len(data.problems)}
     if main:
         unwrapped.model.eval()
         save_checkpoint(unwrapped.model, out / MODEL_DIR)

@@ -36,7 +36,11 @@ class EvalSpec:
 @dataclass
 class StageConfig:
     """One stage. `batch_size` is the global batch per optimizer step; each process runs
-    micro-batches of `micro_batch_size` and gradients accumulate over the rest."""
+    micro-batches of `micro_batch_size` and gradients accumulate over the rest.
+
+    `pack_shared_prefix` packs rows about the same image (up to `max_pack`) into one sequence
+    that holds their shared prefix once (see `train.packing`); batch sizes then count packs.
+    """
 
     data: list[DataSpec] = field(default_factory=list)
     train_projector: bool = True
@@ -52,6 +56,8 @@ class StageConfig:
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
     contrastive_weight: float = 0.0
+    pack_shared_prefix: bool = False
+    max_pack: int = 16
     eval: list[EvalSpec] = field(default_factory=list)
     enabled: bool = True
 

@@ -17,6 +17,12 @@ def stage_dir(output: Path, name: str) -> Path:
     return output / f"{STAGES.index(name) + 1}-{name}"
 
 
+def last_model_dir(recipe: TrainRecipe, output: Path) -> Path:
+    """The model folder of the recipe's last enabled stage."""
+    last = [s for s in STAGES if recipe.stage(s).enabled][-1]
+    return stage_dir(output, last) / MODEL_DIR
+
+
 def run_recipe(
     recipe: TrainRecipe,
     stages: list[str],

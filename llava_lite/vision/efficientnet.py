@@ -16,12 +16,16 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 class EfficientNetLite0Tower(VisionTower):
+    """`patch`: the 7x7 grid as 49 tokens. `cls_patch`: a global average-pooled token (what the
+    ImageNet classifier reads; the CNN counterpart of CLIP's CLS token) before the 49."""
+
     image_size = 224
-    num_tokens = 49
     hidden_size = 1280
 
-    def __init__(self, pretrained: bool = True) -> None:
+    def __init__(self, pretrained: bool = True, strategy: str = "patch") -> None:
         super().__init__()
+        self.strategy = strategy
+        self.num_tokens = 49 + (1 if strategy == "cls_patch" else 0)
         from efficientnet_lite_pytorch import EfficientNet
 
         self.net = EfficientNet.from_name("efficientnet-lite0")
@@ -42,9 +46,12 @@ class EfficientNetLite0Tower(VisionTower):
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         grid = self.net.extract_features(pixel_values.to(self.dtype))  # (B, 1280, 7, 7)
-        return grid.flatten(2).transpose(1, 2)
+        tokens = grid.flatten(2).transpose(1, 2)
+        if self.strategy == "cls_patch":
+            tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1)
+        return tokens
 
 
 @VISION_TOWERS.register("efficientnet-lite0")
 def build_efficientnet_lite0(config: VisionConfig) -> EfficientNetLite0Tower:
-    return EfficientNetLite0Tower(pretrained=True)
+    return EfficientNetLite0Tower(pretrained=True, strategy=config.feature_strategy)

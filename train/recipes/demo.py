@@ -4,44 +4,47 @@ Trained on easy-VQA and the procedural scene generator in three stages, within 3
 on 2 CPU cores. Reproduce with `llava-lite train --recipe demo --stage all`.
 """
 
-from llava_lite.config import LlavaLiteConfig, LoraConfig
+from llava_lite.config import LlavaLiteConfig, LoraConfig, VisionConfig
 from train.recipe import DataSpec, EvalSpec, StageConfig, TrainRecipe
 
-SCENES = {"n": 1000}
+SCENES = {"n": 600}
 
 
 def recipe() -> TrainRecipe:
     return TrainRecipe(
         name="demo",
-        # The default parts; LoRA settings apply to the stages that turn LoRA on.
-        model=LlavaLiteConfig(lora=LoraConfig(r=16, alpha=32, dropout=0.0), max_length=1024),
+        # The default parts, with the tower's global pooled token before its 49 patch tokens.
+        # LoRA settings apply to the stages that turn LoRA on.
+        model=LlavaLiteConfig(vision=VisionConfig(name="efficientnet-lite0", feature_strategy="cls_patch"),
+                              lora=LoraConfig(r=16, alpha=32, dropout=0.0), max_length=1024),
         precision="bf16",
         align=StageConfig(
             # Projector only, LLM frozen: learn to describe shapes and colours.
             data=[DataSpec(name="easyvqa-captions"), DataSpec(name="scenes-captions", args=SCENES)],
             train_projector=True, lora=False,
-            max_steps=40, batch_size=32, micro_batch_size=16,
+            max_steps=30, batch_size=32, micro_batch_size=16,
             projector_lr=2e-3, warmup_ratio=0.05,
             contrastive_weight=0.1,
-            eval=[EvalSpec(name="easyvqa-test", args={"limit": 300}, batch_size=32)],
+            eval=[EvalSpec(name="easyvqa-test", args={"limit": 150}, batch_size=32)],
         ),
         adapter=StageConfig(
-            # LoRA + projector on short-answer VQA: every question of an image in one conversation.
+            # LoRA + projector on short-answer VQA: single-question rows, packed per image with
+            # their shared prefix (each question sees only the image, as at inference).
             data=[DataSpec(name="easyvqa-vqa"), DataSpec(name="scenes-vqa", args=SCENES)],
-            train_projector=True, lora=True,
-            max_steps=170, batch_size=8, micro_batch_size=8,
-            lr=6e-4, projector_lr=3e-4, warmup_ratio=0.05,
-            eval=[EvalSpec(name="easyvqa-test", args={"limit": 300}, batch_size=32)],
+            train_projector=True, lora=True, pack_shared_prefix=True,
+            max_steps=190, batch_size=8, micro_batch_size=8,
+            lr=5e-4, projector_lr=3e-4, warmup_ratio=0.05,
+            eval=[EvalSpec(name="easyvqa-test", args={"limit": 200}, batch_size=32)],
         ),
         instruct=StageConfig(
             # Multi-turn dialogues (descriptions, sentence and short answers); loss on answers only.
             data=[DataSpec(name="easyvqa-conversations"), DataSpec(name="scenes-dialogues", args=SCENES),
                   DataSpec(name="easyvqa-vqa", args={"seed": 1})],
-            train_projector=True, lora=True,
-            max_steps=60, batch_size=8, micro_batch_size=8,
+            train_projector=True, lora=True, pack_shared_prefix=True,
+            max_steps=50, batch_size=8, micro_batch_size=8,
             lr=3e-4, projector_lr=1e-4, warmup_ratio=0.05,
-            eval=[EvalSpec(name="easyvqa-test", args={"limit": 500}, batch_size=32),
-                  EvalSpec(name="scenes-test", args={"n": 100}, batch_size=32)],
+            eval=[EvalSpec(name="easyvqa-test", args={"limit": 300}, batch_size=32),
+                  EvalSpec(name="scenes-test", args={"n": 100, "limit": 200}, batch_size=32)],
         ),
         save_every=25,
         keep_last=2,

@@ -17,12 +17,14 @@ def _stage(data: str, lora: bool) -> StageConfig:
 def recipe() -> TrainRecipe:
     align = _stage("scenes-captions", lora=False)
     align.contrastive_weight = 0.1
+    adapter = _stage("scenes-vqa", lora=True)
+    adapter.pack_shared_prefix = True
     return TrainRecipe(
         name="tiny",
         model=LlavaLiteConfig(lora=LoraConfig(r=4, alpha=8, dropout=0.0), max_length=512),
         precision="fp32",
         align=align,
-        adapter=_stage("scenes-vqa", lora=True),
+        adapter=adapter,
         instruct=_stage("scenes-dialogues", lora=True),
         save_every=2,
         keep_last=2,
