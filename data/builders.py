@@ -16,7 +16,7 @@ from data import easyvqa, scenes
 from llava_lite.llava_data import write_rows
 
 # Bumped whenever a builder's output changes, so files built by older code are not reused.
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 TrainBuilder = Callable[..., list[dict[str, Any]]]
 EvalBuilder = Callable[..., list[dict[str, str]]]
 
@@ -32,6 +32,8 @@ def _scenes(root: Path, split: str, n: int, seed: int) -> list[dict[str, Any]]:
 TRAIN_SETS: dict[str, TrainBuilder] = {
     "easyvqa-captions": lambda root, seed=0, **kw: easyvqa.build_captions("train", seed=seed),
     "easyvqa-vqa": lambda root, seed=0: easyvqa.build_vqa("train", seed=seed),
+    "easyvqa-presence": lambda root, seed=0, per_image=4: easyvqa.build_presence("train", seed=seed,
+                                                                                  per_image=per_image),
     "easyvqa-conversations": lambda root, seed=0, **kw: easyvqa.build_conversations("train", seed=seed, **kw),
     "scenes-captions": lambda root, n=1000, seed=0: scenes.to_captions(
         _scenes(root, "train", n, seed), easyvqa.CAPTION_PROMPTS),

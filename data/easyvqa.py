@@ -118,6 +118,35 @@ def build_vqa(split: str = "train", seed: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
+POSITIVE_FORMS = ["is there a {}?", "is there a {} in the image?", "does the image contain a {}?", "is a {} present?"]
+NEGATIVE_FORMS = ["is there not a {}?", "is there not a {} in the image?", "does the image not contain a {}?",
+                  "is no {} present?"]
+
+
+def build_presence(split: str = "train", seed: int = 0, per_image: int = 4) -> list[dict[str, Any]]:
+    """Yes/no questions about what an image does contain, from its own shape and colour.
+
+    Only 18% of easy-VQA's yes/no questions ask about something present, so a model can score
+    82% on them without looking. These rows (plain and negated, in easy-VQA's own phrasings)
+    balance that, using training annotations only.
+    """
+    _, paths = _load(split)
+    rng = random.Random(seed + 7)
+    rows = []
+    for image_id, f in sorted(image_facts(split).items()):
+        targets = ([f"{f['color']} shape"] if "color" in f else []) + ([f["shape"]] if "shape" in f else [])
+        for k in range(per_image):
+            if not targets:
+                break
+            target = targets[k % len(targets)]
+            negated = rng.random() < 0.5
+            q = rng.choice(NEGATIVE_FORMS if negated else POSITIVE_FORMS).format(target)
+            rows.append({"id": f"easyvqa-{split}-presence-{image_id}-{k}", "image": paths[image_id], "conversations": [
+                {"from": "human", "value": f"<image>\n{SHORT_ANSWER}\n{_question(q)}"},
+                {"from": "gpt", "value": "no" if negated else "yes"}]})
+    return rows
+
+
 def build_conversations(split: str = "train", seed: int = 0, max_turns: int = 4) -> list[dict[str, Any]]:
     """Instruction-style dialogues: questions answered in sentences, then a description.
     Questions come first so they are answered from the image, not from an earlier caption."""

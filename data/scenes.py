@@ -92,7 +92,12 @@ def questions(objects: list[SceneObject], rng: random.Random) -> list[tuple[str,
             qa.append((f"What color is the {obj.shape}?", obj.color, f"The {obj.shape} is {obj.color}."))
             qa.append((f"Where is the {obj.shape}?", obj.where, f"The {obj.shape} is at the {obj.where}."))
         qa.append((f"What shape is at the {obj.where}?", obj.shape, f"There is a {obj.name} at the {obj.where}."))
-    shape, color = rng.choice(SHAPES), rng.choice(sorted(COLORS))
+    # Half the presence questions ask about an object that is there, so "no" is not a free win.
+    if rng.random() < 0.5:
+        pick = rng.choice(objects)
+        shape, color = pick.shape, pick.color
+    else:
+        shape, color = rng.choice(SHAPES), rng.choice(sorted(COLORS))
     present = any(o.shape == shape and o.color == color for o in objects)
     qa.append((f"Is there a {color} {shape}?", "yes" if present else "no",
                f"{'Yes' if present else 'No'}, there is {'a' if present else 'no'} {color} {shape}."))

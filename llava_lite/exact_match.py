@@ -41,20 +41,32 @@ def score_exact_match(predictions: Sequence[str], items: Sequence[dict[str, Any]
 
 
 def evaluate_exact_match(
-    lite, items: Sequence[dict[str, Any]], max_new_tokens: int = 6, progress: bool = True
+    lite, items: Sequence[dict[str, Any]], max_new_tokens: int = 6, progress: bool = True, batch_size: int = 16
 ) -> dict[str, Any]:
     """Greedy answers from a `LlavaLite` for each item, scored by exact match.
 
     Questions about the same image are answered together with `LlavaLite.ask_many`, which
-    runs their shared prompt prefix (system prompt and image block) once.
+    runs their shared prompt prefix (system prompt and image block) once; images asked once
+    are answered `batch_size` at a time with `ask_batch`.
     """
     by_image: dict[str, list[int]] = defaultdict(list)
     for i, item in enumerate(items):
         by_image[str(item["image"])].append(i)
     preds: list[str] = [""] * len(items)
     bar = tqdm(total=len(items), desc="evaluating", unit="q", disable=not progress, leave=False)
+    singles = [idx[0] for idx in by_image.values() if len(idx) == 1]
     for image, idx in by_image.items():
+        if len(idx) == 1:
+            continue
         answers = lite.ask_many(image, [items[i]["question"] for i in idx], max_new_tokens=max_new_tokens)
+        for i, answer in zip(idx, answers, strict=True):
+            preds[i] = answer
+        bar.update(len(idx))
+    # images asked only once (a random sample) gain nothing from a shared prefix: batch them
+    for start in range(0, len(singles), batch_size):
+        idx = singles[start:start + batch_size]
+        answers = lite.ask_batch([items[i]["image"] for i in idx], [items[i]["question"] for i in idx],
+                                 batch_size=batch_size, max_new_tokens=max_new_tokens)
         for i, answer in zip(idx, answers, strict=True):
             preds[i] = answer
         bar.update(len(idx))

@@ -126,8 +126,9 @@ def parse_row(raw: Any, where: str, image_root: str | Path | None) -> Row:
     return Row(str(raw_id), images, messages, where, meta)
 
 
-def check_row(row: Row, image_token: str, check_images: bool = True) -> None:
-    """Semantic checks: placeholders match images, turns alternate, images load."""
+def check_row(row: Row, image_token: str, check_images: bool = True, loaded: set[str] | None = None) -> None:
+    """Semantic checks: placeholders match images, turns alternate, images load (each path in
+    `loaded` was already opened successfully and is not opened again)."""
     check_turns(row.conversations, image_token, for_training=True)
     placeholders = sum(m["content"].count(image_token) for m in row.conversations)
     if placeholders != len(row.images):
@@ -138,7 +139,11 @@ def check_row(row: Row, image_token: str, check_images: bool = True) -> None:
         )
     if check_images:
         for path in row.images:
+            if loaded is not None and path in loaded:
+                continue
             load_image(path)
+            if loaded is not None:
+                loaded.add(path)
 
 
 def load_rows(
@@ -157,6 +162,7 @@ def load_rows(
     rows: list[Row] = []
     problems: list[str] = []
     total = 0
+    loaded: set[str] = set()
     source = read_raw_rows(path)
     for where, raw in tqdm(source, desc=f"checking {Path(path).name}", unit="row", disable=not progress,
                            leave=False):
@@ -165,7 +171,7 @@ def load_rows(
         total += 1
         try:
             row = parse_row(raw, where, image_root)
-            check_row(row, image_token, check_images)
+            check_row(row, image_token, check_images, loaded)
         except (ConversationError, ImageLoadError) as err:
             problems.append(f"{where}: {err}")
             continue

@@ -22,7 +22,7 @@ def run_stage_eval(model, processor, specs: list[EvalSpec], out_dir: Path, progr
     summary: dict[str, Any] = {}
     for spec in specs:
         items = build_eval_set(spec.name, cache_dir() / "data", **spec.args)
-        result = evaluate_exact_match(lite, items, progress=progress)
+        result = evaluate_exact_match(lite, items, progress=progress, batch_size=spec.batch_size)
         preds = result.pop("predictions")
         with open(out_dir / f"eval-{spec.name}.jsonl", "w") as fh:
             for p in preds:

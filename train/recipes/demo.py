@@ -25,21 +25,25 @@ def recipe() -> TrainRecipe:
             max_steps=30, batch_size=32, micro_batch_size=16,
             projector_lr=2e-3, warmup_ratio=0.05,
             contrastive_weight=0.1,
-            eval=[EvalSpec(name="easyvqa-test", args={"limit": 150}, batch_size=32)],
+            eval=[EvalSpec(name="easyvqa-test", args={"limit": 100}, batch_size=32)],
         ),
         adapter=StageConfig(
             # LoRA + projector on short-answer VQA: single-question rows, packed per image with
             # their shared prefix (each question sees only the image, as at inference).
-            data=[DataSpec(name="easyvqa-vqa"), DataSpec(name="scenes-vqa", args=SCENES)],
+            # easyvqa-presence balances yes/no: only 18% of easy-VQA's ask about something present.
+            data=[DataSpec(name="easyvqa-vqa"), DataSpec(name="easyvqa-presence"),
+                  DataSpec(name="scenes-vqa", args=SCENES)],
             train_projector=True, lora=True, pack_shared_prefix=True,
-            max_steps=190, batch_size=8, micro_batch_size=8,
+            max_steps=200, batch_size=8, micro_batch_size=8,
             lr=5e-4, projector_lr=3e-4, warmup_ratio=0.05,
             eval=[EvalSpec(name="easyvqa-test", args={"limit": 200}, batch_size=32)],
         ),
         instruct=StageConfig(
-            # Multi-turn dialogues (descriptions, sentence and short answers); loss on answers only.
+            # Multi-turn dialogues (sentence answers, then a description) plus short-answer rows
+            # so that format is kept; loss on answers only.
             data=[DataSpec(name="easyvqa-conversations"), DataSpec(name="scenes-dialogues", args=SCENES),
-                  DataSpec(name="easyvqa-vqa", args={"seed": 1})],
+                  DataSpec(name="easyvqa-vqa", args={"seed": 1}, limit=8000),
+                  DataSpec(name="easyvqa-presence", args={"seed": 1}, limit=3000)],
             train_projector=True, lora=True, pack_shared_prefix=True,
             max_steps=50, batch_size=8, micro_batch_size=8,
             lr=3e-4, projector_lr=1e-4, warmup_ratio=0.05,
