@@ -88,8 +88,8 @@ def prompt_builder(smol_tokenizer_dir):
     return PromptBuilder(tok, "<image>", add_image_token(tok, "<image>"), N_IMG, max_length=96)
 
 
-TEXT = st.text(alphabet=st.sampled_from(list("ab <>|\n?!é中😀") + ["<image>", "<|im_end|>", "<|im_start|>"]),
-               max_size=40)
+PIECES = [*"ab <>|\n?!é中😀", "<image>", "<|im_end|>", "<|im_start|>", "assistant", " word"]
+TEXT = st.lists(st.sampled_from(PIECES), max_size=30).map("".join)
 TURN = st.fixed_dictionaries({
     "role": st.sampled_from(["user", "assistant", "system", "human", "gpt", "robot"]),
     "content": st.one_of(TEXT, st.just(""), st.integers(), st.none()),

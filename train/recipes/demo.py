@@ -30,23 +30,23 @@ def recipe() -> TrainRecipe:
         adapter=StageConfig(
             # LoRA + projector on short-answer VQA: single-question rows, packed per image with
             # their shared prefix (each question sees only the image, as at inference).
-            # easyvqa-presence balances yes/no: only 18% of easy-VQA's ask about something present.
-            data=[DataSpec(name="easyvqa-vqa"), DataSpec(name="easyvqa-presence"),
-                  DataSpec(name="scenes-vqa", args=SCENES)],
+            # (`easyvqa-presence` balances easy-VQA's 82%-"absent" yes/no questions, but within
+            # this budget it lowered accuracy: the model unlearns the prior before it learns to look.)
+            data=[DataSpec(name="easyvqa-vqa"), DataSpec(name="scenes-vqa", args=SCENES)],
             train_projector=True, lora=True, pack_shared_prefix=True,
-            max_steps=200, batch_size=8, micro_batch_size=8,
+            max_steps=230, batch_size=8, micro_batch_size=8,
             lr=5e-4, projector_lr=3e-4, warmup_ratio=0.05,
             eval=[EvalSpec(name="easyvqa-test", args={"limit": 200}, batch_size=32)],
         ),
         instruct=StageConfig(
             # Multi-turn dialogues (sentence answers, then a description) plus short-answer rows
-            # so that format is kept; loss on answers only.
+            # so that format is kept; loss on answers only. Short and gentle: a longer, hotter
+            # instruct stage cost colour accuracy in earlier runs.
             data=[DataSpec(name="easyvqa-conversations"), DataSpec(name="scenes-dialogues", args=SCENES),
-                  DataSpec(name="easyvqa-vqa", args={"seed": 1}, limit=8000),
-                  DataSpec(name="easyvqa-presence", args={"seed": 1}, limit=3000)],
+                  DataSpec(name="easyvqa-vqa", args={"seed": 1}, limit=8000)],
             train_projector=True, lora=True, pack_shared_prefix=True,
-            max_steps=50, batch_size=8, micro_batch_size=8,
-            lr=3e-4, projector_lr=1e-4, warmup_ratio=0.05,
+            max_steps=30, batch_size=8, micro_batch_size=8,
+            lr=1e-4, projector_lr=5e-5, warmup_ratio=0.05,
             eval=[EvalSpec(name="easyvqa-test", args={"limit": 300}, batch_size=32),
                   EvalSpec(name="scenes-test", args={"n": 100, "limit": 200}, batch_size=32)],
         ),
