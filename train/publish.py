@@ -27,6 +27,7 @@ def publish(model_dir: str | Path, out_dir: str | Path) -> Path:
         raise ValueError(f"{src}: holds full LLM weights; publish only projector + adapter checkpoints")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a published model is read by everyone
     try:
         shutil.copyfile(src / CONFIG_NAME, tmp / CONFIG_NAME)
         _half(src / PROJECTOR_NAME, tmp / PROJECTOR_NAME)
