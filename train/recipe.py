@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from llava_lite.config import ConfigError, LlavaLiteConfig
@@ -173,12 +173,3 @@ def _child(node: Any, part: str, key: str) -> Any:
         return node[part]
     raise ConfigError(f"override {key!r}: no such recipe field {part!r}")
 
-
-def replace(obj: Any, **changes: Any) -> Any:
-    """dataclasses.replace that also deep-copies nested dataclasses (recipes are shared)."""
-    import copy
-    import dataclasses
-
-    if not is_dataclass(obj):
-        raise TypeError(obj)
-    return dataclasses.replace(copy.deepcopy(obj), **changes)
