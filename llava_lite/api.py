@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria
 
 from llava_lite.checkpoint import build_model, is_checkpoint, load_checkpoint, save_checkpoint
 from llava_lite.config import LlavaLiteConfig
@@ -205,14 +206,18 @@ class LlavaLite:
         return self._stream(input_ids, embeds, kwargs)
 
     def _stream(self, input_ids, embeds, kwargs) -> Iterator[str]:
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
+        cancel = threading.Event()
+        criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
+        criteria.append(_StopOnEvent(cancel))
 
         def run() -> None:
             try:
-                self.model.generate(input_ids, image_embeds=embeds, streamer=streamer, **kwargs)
+                self.model.generate(input_ids, image_embeds=embeds, streamer=streamer,
+                                    stopping_criteria=criteria, **kwargs)
             except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
                 errors.append(err)
                 streamer.end()
@@ -220,13 +225,18 @@ class LlavaLite:
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         first = True
-        for chunk in streamer:
-            if first:
-                chunk = chunk.lstrip()
-                first = False
-            if chunk:
-                yield chunk
-        thread.join()
+        try:
+            for chunk in streamer:
+                if first:
+                    chunk = chunk.lstrip()
+                    first = False
+                if chunk:
+                    yield chunk
+        finally:
+            # Reached early when the consumer stops reading (a Stop button, a closed
+            # connection): end generation at the next token instead of running to the end.
+            cancel.set()
+            thread.join()
         if errors:
             raise errors[0]
 
@@ -323,6 +333,16 @@ class LlavaLite:
 
     def caption_batch(self, images: Sequence[ImageInput], batch_size: int = 8, **gen) -> list[str]:
         return self.ask_batch(images, [CAPTION_PROMPT] * len(images), batch_size=batch_size, **gen)
+
+
+class _StopOnEvent(StoppingCriteria):
+    """A stopping criterion that ends generation once `event` is set."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:

@@ -1,86 +1,79 @@
-"""The Gradio chat: upload images, ask about them, answers stream in."""
+"""The Gradio chat page: upload images, ask about them, answers stream in."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
+from pathlib import Path
 
-from llava_lite import LlavaLite
-from llava_lite.images import ImageLoadError
-from llava_lite.prompting import ConversationError, SequenceTooLongError
+from llava_lite.api import CAPTION_PROMPT
+from serve.engine import ChatEngine, ChatRequest, UserFacingError
+from serve.examples import chat_examples
+from serve.gradio_history import ERROR_MARK, history_to_request
 
-log = logging.getLogger("llava_lite.serve")
-USER_ERRORS = (ImageLoadError, ConversationError, SequenceTooLongError)
-
-
-def _history_to_messages(history: list[dict], text: str, files: list[str], user_message):
-    """Gradio messages-format history plus the new text and files -> (messages, image paths).
-
-    Gradio keeps uploaded files as their own user turns; they are attached to the next text turn.
-    """
-    messages, images, pending = [], [], []
-
-    def add_user_turn(turn_text: str) -> None:
-        messages.append(user_message(turn_text, len(pending)))
-        images.extend(pending)
-        pending.clear()
-
-    for turn in history:
-        content = turn.get("content")
-        if turn["role"] == "user":
-            if isinstance(content, dict) and content.get("path"):  # a file turn
-                pending.append(content["path"])
-            elif isinstance(content, (list, tuple)) and content and isinstance(content[0], str):
-                pending.append(content[0])
-            else:
-                add_user_turn(content if isinstance(content, str) else str(content))
-        elif isinstance(content, str) and content:
-            messages.append({"role": "assistant", "content": content})
-    pending.extend(files)
-    add_user_turn(text)
-    return messages, images
+EMPTY_MESSAGE = "Please type a message (and upload an image to ask about it)."
 
 
-def make_chat_fn(model: LlavaLite):
-    def respond(message: dict, history: list[dict], temperature: float, top_p: float,
-                max_new_tokens: int) -> Iterator[str]:
+def make_chat_fn(engine: ChatEngine):
+    """The ChatInterface callback: (message, history, sliders) -> streamed reply text."""
+    image_token = engine.lite.config.image_token
+
+    def respond(message: dict | str, history: list[dict], temperature: float, top_p: float,
+                max_new_tokens: float) -> Iterator[str]:
+        if isinstance(message, str):
+            message = {"text": message, "files": []}
         text = (message.get("text") or "").strip()
-        if not text:
-            yield "Please type a question about the image."
+        files = [f["path"] if isinstance(f, dict) else str(f) for f in message.get("files") or []]
+        if not text and not files:
+            yield ERROR_MARK + EMPTY_MESSAGE
             return
+        messages, images = history_to_request(history, text or CAPTION_PROMPT, files, image_token)
+        request = ChatRequest(messages, images, temperature=temperature, top_p=top_p,
+                              max_new_tokens=int(max_new_tokens))
+        reply = ""
         try:
-            messages, images = _history_to_messages(
-                history, text, list(message.get("files") or []), model.user_message
-            )
-            reply = ""
-            for chunk in model.chat(messages, images=images, stream=True, temperature=temperature,
-                                    top_p=top_p, max_new_tokens=int(max_new_tokens)):
+            for chunk in engine.stream(request):
                 reply += chunk
                 yield reply
-        except USER_ERRORS as err:
-            yield f"⚠️ {err}"
-        except Exception:  # noqa: BLE001 - a readable message, never a traceback in the chat
-            log.exception("generation failed")
-            yield "⚠️ Sorry, something went wrong while generating. The error was logged on the server."
+        except UserFacingError as err:
+            yield (reply + "\n\n" if reply else "") + ERROR_MARK + str(err)
+            return
+        if not reply:
+            yield "(the model returned an empty reply)"
 
     return respond
 
 
-def build_app(model: LlavaLite):
+def build_app(engine: ChatEngine, cache_dir: Path):
+    """The chat page as a Gradio Blocks app (queue settings are applied by the caller)."""
     import gradio as gr
 
-    description = f"Model: `{model.source}` · quantization: `{model.quantization}`"
+    limits = engine.limits
+    default_tokens = min(128, limits.max_new_tokens)
+    # With additional inputs, Gradio wants each example as [message, *input values].
+    examples = [[ex, 0.0, 1.0, default_tokens] for ex in chat_examples(cache_dir)]
     return gr.ChatInterface(
-        make_chat_fn(model),
+        make_chat_fn(engine),
         multimodal=True,
-        textbox=gr.MultimodalTextbox(file_types=["image"], file_count="multiple",
-                                     placeholder="Upload an image and ask about it"),
+        textbox=gr.MultimodalTextbox(
+            # No server-side type filter: a non-image upload gets our readable message in the
+            # chat instead of a Gradio error toast.
+            file_count="multiple", sources=["upload"],
+            placeholder="Upload, drop or paste images, then ask about them",
+        ),
+        chatbot=gr.Chatbot(height=480, buttons=["copy"], placeholder="Ask about an image"),
         additional_inputs=[
             gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)"),
             gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p"),
-            gr.Slider(1, 512, value=128, step=1, label="Max new tokens"),
+            gr.Slider(1, limits.max_new_tokens, value=default_tokens, step=1,
+                      label="Max new tokens"),
         ],
+        additional_inputs_accordion=gr.Accordion("Generation settings", open=False),
+        examples=examples or None,
+        cache_examples=False,
+        run_examples_on_click=True,
         title="llava-lite",
-        description=description,
+        description=f"Chat about images · {engine.describe()}",
         api_name="chat",
+        concurrency_limit=limits.concurrency,
+        fill_height=True,
     )

@@ -1,0 +1,176 @@
+"""The generation engine behind every front end (browser, HTTP API, terminal).
+
+It turns a request into model input under the server's limits, bounds how many
+generations run at once, stops runaway generations and turns every failure a user can
+cause into a `UserFacingError` with a readable message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llava_lite import LlavaLite
+from llava_lite.images import ImageInput, ImageLoadError, load_image
+from llava_lite.prompting import ConversationError, SequenceTooLongError
+from serve.limits import ServeLimits
+
+log = logging.getLogger("llava_lite.serve")
+
+
+class UserFacingError(Exception):
+    """A request the server refuses; the message is safe and useful to show the user."""
+
+
+class ServerBusyError(UserFacingError):
+    pass
+
+
+@dataclass
+class ChatRequest:
+    """A conversation in the model's message format (image placeholders in the text) and
+    its images in placeholder order."""
+
+    messages: list[dict]
+    images: list[ImageInput] = field(default_factory=list)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_s: float | None = None
+    total_s: float = 0.0
+    finish_reason: str = "stop"  # "stop", "length" or "timeout"
+
+
+class ChatEngine:
+    """Runs chat requests on one shared model under `ServeLimits`."""
+
+    def __init__(self, lite: LlavaLite, limits: ServeLimits | None = None) -> None:
+        self.lite = lite
+        self.limits = limits or ServeLimits()
+        self._slots = threading.BoundedSemaphore(self.limits.concurrency)
+        self._waiting = 0
+        self._lock = threading.Lock()
+        self.served = 0
+        self.failed = 0
+
+    @property
+    def model_name(self) -> str:
+        return self.lite.source or "llava-lite"
+
+    def describe(self) -> str:
+        return f"model `{self.model_name}` · quantization `{self.lite.quantization}`"
+
+    # -- validation ----------------------------------------------------------------
+    def _load_images(self, images: Sequence[ImageInput]) -> list:
+        if len(images) > self.limits.max_images:
+            raise UserFacingError(
+                f"This conversation has {len(images)} images; the server accepts at most "
+                f"{self.limits.max_images}. Clear the chat to start again."
+            )
+        loaded = []
+        for img in images:
+            try:
+                loaded.append(load_image(img, max_pixels=self.limits.max_image_pixels,
+                                         max_file_bytes=self.limits.max_upload_bytes))
+            except ImageLoadError as err:
+                raise UserFacingError(_hide_dirs(str(err), img)) from err
+        return loaded
+
+    def _check(self, request: ChatRequest) -> tuple[list[int], list, int]:
+        user_turns = [m for m in request.messages if m.get("role") == "user"]
+        if not user_turns or not str(user_turns[-1].get("content", "")).replace(
+                self.lite.config.image_token, "").strip():
+            raise UserFacingError("Please type a message.")
+        for msg in request.messages:
+            if msg.get("role") == "user" and len(str(msg.get("content", ""))) > self.limits.max_message_chars:
+                raise UserFacingError(
+                    f"That message is {len(msg['content'])} characters; the limit is "
+                    f"{self.limits.max_message_chars}."
+                )
+        max_new = max(1, min(int(request.max_new_tokens), self.limits.max_new_tokens))
+        images = self._load_images(request.images)
+        try:
+            self.lite.processor.check_image_count(request.messages, len(images))
+            ids = self.lite.processor.encode_prompt(request.messages, max_new_tokens=max_new)
+        except SequenceTooLongError as err:
+            raise UserFacingError(f"The conversation is too long for the model: {err}. "
+                                  "Clear the chat or shorten the message.") from err
+        except ConversationError as err:
+            raise UserFacingError(str(err)) from err
+        return ids, images, max_new
+
+    # -- generation ----------------------------------------------------------------
+    def stream(self, request: ChatRequest, stats: GenerationStats | None = None) -> Iterator[str]:
+        """Yield the reply's text chunks; raises UserFacingError for refused requests."""
+        stats = stats if stats is not None else GenerationStats()
+        ids, images, max_new = self._check(request)
+        stats.prompt_tokens = len(ids)
+        self._acquire()
+        start = time.perf_counter()
+        pieces: list[str] = []
+        try:
+            chunks = self.lite.chat(
+                request.messages, images=images, stream=True, temperature=float(request.temperature),
+                top_p=float(request.top_p), max_new_tokens=max_new,
+                max_time=self.limits.generation_timeout_s,
+            )
+            for chunk in chunks:
+                if stats.first_token_s is None:
+                    stats.first_token_s = time.perf_counter() - start
+                pieces.append(chunk)
+                yield chunk
+            with self._lock:
+                self.served += 1
+        except UserFacingError:
+            raise
+        except Exception as err:
+            with self._lock:
+                self.failed += 1
+            log.exception("generation failed")
+            raise UserFacingError("Sorry, something went wrong while generating; the error was "
+                                  "logged on the server.") from err
+        finally:
+            self._slots.release()
+            stats.total_s = time.perf_counter() - start
+            reply = "".join(pieces)
+            stats.completion_tokens = len(self.lite.processor.tokenizer(reply, add_special_tokens=False).input_ids)
+            if stats.total_s >= self.limits.generation_timeout_s:
+                stats.finish_reason = "timeout"
+            elif stats.completion_tokens >= max_new:
+                stats.finish_reason = "length"
+
+    def complete(self, request: ChatRequest) -> tuple[str, GenerationStats]:
+        stats = GenerationStats()
+        text = "".join(self.stream(request, stats))
+        return text, stats
+
+    def _acquire(self) -> None:
+        with self._lock:
+            if self._waiting >= self.limits.queue_size:
+                raise ServerBusyError("The server is busy; please try again in a moment.")
+            self._waiting += 1
+        try:
+            if not self._slots.acquire(timeout=self.limits.queue_timeout_s):
+                raise ServerBusyError("The server is busy; please try again in a moment.")
+        finally:
+            with self._lock:
+                self._waiting -= 1
+
+
+def _hide_dirs(message: str, source: ImageInput) -> str:
+    """Name an uploaded file by its file name only: server-side folders are not the user's
+    business."""
+    if isinstance(source, (str, Path)):
+        full = str(source)
+        return message.replace(full, Path(full).name)
+    return message

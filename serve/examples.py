@@ -1,0 +1,60 @@
+"""Example images with questions for the chat page: a photo shipped inside matplotlib's
+wheel and samples from the project's data (easy-VQA test images, a generated scene)."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+log = logging.getLogger("llava_lite.serve")
+
+
+def _photo() -> list[dict]:
+    import matplotlib
+
+    path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    return [{"text": "Describe the image in one sentence.", "files": [str(path)]}] if path.is_file() else []
+
+
+def _easyvqa() -> list[dict]:
+    try:
+        from data.easyvqa import SHORT_ANSWER, image_paths
+    except ImportError:  # easy-VQA is optional for serving
+        return []
+    paths = image_paths("test")
+    return [
+        {"text": f"{SHORT_ANSWER}\nWhat color is the shape?", "files": [paths[0]]},
+        {"text": f"{SHORT_ANSWER}\nIs there a circle in the image?", "files": [paths[7]]},
+        {"text": "What shape is in the image?", "files": [paths[3]]},
+    ]
+
+
+def _scene(cache_dir: Path) -> list[dict]:
+    try:
+        from data.scenes import caption, make_scene, render
+    except ImportError:
+        return []
+    path = cache_dir / "scene-example.png"
+    if not path.is_file():
+        rng = random.Random(7)
+        objects = make_scene(rng)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        render(objects, rng).save(path)
+        log.debug("example scene: %s", caption(objects))
+    return [{"text": "How many shapes are in the image?", "files": [str(path)]}]
+
+
+def chat_examples(cache_dir: Path) -> list[dict]:
+    """Examples in Gradio's multimodal form; sources that are not installed are skipped."""
+    examples: list[dict] = []
+    for source in (_easyvqa, _photo):
+        try:
+            examples += source()
+        except Exception:  # noqa: BLE001 - examples are a nicety; never block serving
+            log.warning("skipping examples from %s", source.__name__, exc_info=True)
+    try:
+        examples += _scene(cache_dir)
+    except Exception:  # noqa: BLE001
+        log.warning("skipping the generated scene example", exc_info=True)
+    return examples
