@@ -14,6 +14,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from transformers import StoppingCriteria
+
 from llava_lite import LlavaLite
 from llava_lite.images import ImageInput, ImageLoadError, load_image
 from llava_lite.prompting import ConversationError, SequenceTooLongError
@@ -101,12 +104,14 @@ class ChatEngine:
         images = self._load_images(request.images)
         try:
             self.lite.processor.check_image_count(request.messages, len(images))
-            ids = self.lite.processor.encode_prompt(request.messages, max_new_tokens=max_new)
+            ids = self.lite.processor.encode_prompt(request.messages, max_new_tokens=1)
         except SequenceTooLongError as err:
             raise UserFacingError(f"The conversation is too long for the model: {err}. "
                                   "Clear the chat or shorten the message.") from err
         except ConversationError as err:
             raise UserFacingError(str(err)) from err
+        # A reply shortened to fit the context beats refusing a prompt that fits.
+        max_new = min(max_new, self.lite.config.max_length - len(ids))
         return ids, images, max_new
 
     # -- generation ----------------------------------------------------------------
@@ -117,17 +122,16 @@ class ChatEngine:
         stats.prompt_tokens = len(ids)
         self._acquire()
         start = time.perf_counter()
-        pieces: list[str] = []
+        counter = _TokenCounter()
         try:
             chunks = self.lite.chat(
                 request.messages, images=images, stream=True, temperature=float(request.temperature),
                 top_p=float(request.top_p), max_new_tokens=max_new,
-                max_time=self.limits.generation_timeout_s,
+                max_time=self.limits.generation_timeout_s, stopping_criteria=[counter],
             )
             for chunk in chunks:
                 if stats.first_token_s is None:
                     stats.first_token_s = time.perf_counter() - start
-                pieces.append(chunk)
                 yield chunk
             with self._lock:
                 self.served += 1
@@ -142,8 +146,7 @@ class ChatEngine:
         finally:
             self._slots.release()
             stats.total_s = time.perf_counter() - start
-            reply = "".join(pieces)
-            stats.completion_tokens = len(self.lite.processor.tokenizer(reply, add_special_tokens=False).input_ids)
+            stats.completion_tokens = counter.tokens
             if stats.total_s >= self.limits.generation_timeout_s:
                 stats.finish_reason = "timeout"
             elif stats.completion_tokens >= max_new:
@@ -165,6 +168,17 @@ class ChatEngine:
         finally:
             with self._lock:
                 self._waiting -= 1
+
+
+class _TokenCounter(StoppingCriteria):
+    """Counts generated tokens (stopping criteria run once per new token); never stops."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.tokens += 1
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def _hide_dirs(message: str, source: ImageInput) -> str:
