@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast lint clean help
+.PHONY: setup browser demo test test-fast lint clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*## /\t/'
@@ -25,7 +25,13 @@ $(STAMP): pyproject.toml requirements-offline.txt
 demo: setup  ## chat in the browser with the default model (http://127.0.0.1:7860)
 	$(VENV)/bin/llava-lite serve
 
-test: setup  ## ruff, then the whole test suite, slow end-to-end tests included
+# The browser test drives Debian's chromium through Playwright (no browser download).
+browser:  ## install Debian's chromium for the browser test, if missing
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: setup browser  ## ruff, then the whole test suite, slow end-to-end tests included
 	$(VENV)/bin/ruff check llava_lite train serve data tests
 	$(PY) -m pytest -q -ra
 

@@ -106,8 +106,9 @@ class ChatEngine:
             self.lite.processor.check_image_count(request.messages, len(images))
             ids = self.lite.processor.encode_prompt(request.messages, max_new_tokens=1)
         except SequenceTooLongError as err:
-            raise UserFacingError(f"The conversation is too long for the model: {err}. "
-                                  "Clear the chat or shorten the message.") from err
+            raise UserFacingError(
+                f"The conversation is too long for the model's context of {self.lite.config.max_length} "
+                "tokens (images included). Clear the chat or shorten the message.") from err
         except ConversationError as err:
             raise UserFacingError(str(err)) from err
         # A reply shortened to fit the context beats refusing a prompt that fits.
