@@ -84,6 +84,12 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from llava_lite.benchmark import cmd_bench as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llava-lite",
@@ -111,6 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a model's config and parameter counts")
     p.add_argument("--model", default=None, help="checkpoint (default: the built-in model)")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bench", help="speed and memory per precision, against transformers and the bandwidth bound",
+                       description="Runs each variant in its own process and prints a table (or JSON); "
+                                   "--out also writes bench.json, bench.md and bench.png.")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the built-in model)")
+    p.add_argument("--quantize", default="fp32,bf16,8bit,4bit",
+                   help="comma-separated variants: fp32, bf16, 8bit, 4bit, or a backend (dynamic-int8, bnb-8bit, "
+                        "bnb-4bit, torchao-int8, torchao-int8-weight-only) (default: fp32,bf16,8bit,4bit)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per timing (default: 64)")
+    p.add_argument("--repeats", type=int, default=3, help="timings per figure, best kept (default: 3)")
+    p.add_argument("--batch-sizes", default="1,4,8", help="batched-throughput sizes (default: 1,4,8)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    p.add_argument("--out", default=None, help="also write bench.json/md/png here")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.set_defaults(func=cmd_bench)
 
     for ep in entry_points(group="llava_lite.commands"):
         register = ep.load()

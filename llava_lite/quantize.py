@@ -18,7 +18,7 @@ from torch import nn
 
 from llava_lite.lora import is_peft
 
-BACKENDS = ("bnb-8bit", "bnb-4bit", "dynamic-int8")
+BACKENDS = ("bnb-8bit", "bnb-4bit", "dynamic-int8", "torchao-int8", "torchao-int8-weight-only")
 
 
 def resolve_backend(mode: str, device: torch.device) -> str:
@@ -39,6 +39,8 @@ def quantize_model(lite, mode: str) -> str:
         model.llm = model.llm.merge_and_unload()
     if backend == "dynamic-int8":
         model.llm = _dynamic_int8(model.llm)
+    elif backend.startswith("torchao-"):
+        model.llm = _torchao(model.llm, backend)
     else:
         model.llm = _bitsandbytes(model.llm, backend, model.device)
     return backend
@@ -58,6 +60,18 @@ def _dynamic_int8(llm: nn.Module) -> nn.Module:
         warnings.simplefilter("ignore")
         quantize_dynamic(decoder, {nn.Linear}, dtype=torch.qint8, inplace=True)
     assert llm.get_output_embeddings() is head
+    return llm
+
+
+def _torchao(llm: nn.Module, backend: str) -> nn.Module:
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError as err:
+        raise ImportError(f"quantize={backend!r} needs torchao: pip install torchao") from err
+    llm.float()
+    config = Int8DynamicActivationInt8WeightConfig() if backend == "torchao-int8" else Int8WeightOnlyConfig()
+    # As with dynamic-int8: the transformer blocks only, so the tied LM head stays exact.
+    quantize_(llm.get_decoder(), config)
     return llm
 
 

@@ -1,0 +1,341 @@
+"""`llava-lite bench`: speed and memory of a model in several precisions, side by side with
+plain transformers generation on the same LLM and the memory-bandwidth bound.
+
+Each variant runs in its own process, so its peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+VARIANTS = {  # name -> (dtype, quantize)
+    "fp32": ("fp32", None),
+    "bf16": ("bf16", None),
+    "8bit": ("fp32", "8bit"),
+    "4bit": ("fp32", "4bit"),
+    "dynamic-int8": ("fp32", "dynamic-int8"),
+    "bnb-8bit": ("fp32", "bnb-8bit"),
+    "bnb-4bit": ("fp32", "bnb-4bit"),
+    "torchao-int8": ("fp32", "torchao-int8"),
+    "torchao-int8-weight-only": ("fp32", "torchao-int8-weight-only"),
+}
+QUESTION = "Describe the image in one sentence."
+FOLLOW_UP = "What colors do you see?"
+
+
+@dataclass
+class BenchResult:
+    variant: str
+    backend: str
+    device: str
+    load_s: float = 0.0
+    llm_weight_bytes: int = 0
+    image_encode_ms: float = 0.0
+    prompt_tokens: int = 0
+    prefill_ms: float = 0.0
+    first_token_ms: float = 0.0  # first turn: image encode + prefill + first token
+    second_turn_first_token_ms: float = 0.0  # image features cached
+    decode_tok_s: float = 0.0
+    reference_prefill_ms: float = 0.0
+    reference_decode_tok_s: float = 0.0
+    batch_tok_s: dict[str, float] = field(default_factory=dict)
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = "rss"
+    error: str = ""
+
+
+def state_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's weights as stored (quantized ones included), shared tensors once.
+
+    `parameters()` misses packed int8 weights (they are not Parameters), so walk the state
+    dict, which holds every stored tensor, packed tuples included.
+    """
+    seen: set[int] = set()
+    total = 0
+
+    def add(value) -> None:
+        nonlocal total
+        if isinstance(value, torch.Tensor) and type(value) not in (torch.Tensor, torch.nn.Parameter) \
+                and hasattr(value, "__tensor_flatten__"):  # a quantized tensor subclass (torchao)
+            names, _ = value.__tensor_flatten__()
+            for name in names:
+                add(getattr(value, name))
+        elif isinstance(value, torch.Tensor):
+            key = value.untyped_storage().data_ptr() if value.device.type != "meta" else id(value)
+            if key in seen:
+                return
+            seen.add(key)
+            total += value.numel() * value.element_size()
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                add(v)
+
+    for value in module.state_dict(keep_vars=True).values():
+        add(value)
+    return total
+
+
+def memory_bandwidth_gbs(size_mb: int = 512, repeats: int = 5) -> float:
+    """Sustained read bandwidth (GB/s): the best of `repeats` sums over a buffer far larger
+    than the caches, with torch's threads."""
+    x = torch.ones(size_mb * 1024 * 1024 // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best(fn, repeats: int, device: torch.device) -> float:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def _images(n: int) -> list:
+    """Distinct photo-like test images made in code (no files needed)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        base = rng.integers(0, 255, (1, 1, 3))
+        noise = rng.integers(0, 60, (224, 224, 3))
+        out.append(Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)))
+    return out
+
+
+def run_variant(model_path: str | None, variant: str, new_tokens: int, repeats: int,
+                batch_sizes: list[int], device: str | None) -> BenchResult:
+    from llava_lite.api import LlavaLite
+
+    dtype, quantize = VARIANTS[variant]
+    t = time.perf_counter()
+    lite = LlavaLite.from_pretrained(model_path, dtype=dtype, device=device)
+    if lite.config.lora.enabled:
+        lite.merge_lora()  # what serving does too: merged weights, no adapter overhead per token
+    if quantize:
+        lite.quantize(quantize)
+    dev = lite.device
+    res = BenchResult(variant=variant, backend=lite.quantization if quantize else dtype, device=str(dev))
+    res.load_s = time.perf_counter() - t
+    res.llm_weight_bytes = state_bytes(lite.model.llm)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    images = _images(max(batch_sizes + [repeats + 2]))
+    tok = lite.processor.tokenizer
+
+    with torch.no_grad():
+        pixels = [lite.processor.image_preprocess([img]) for img in images[:repeats + 1]]
+        lite.model.encode_images(pixels[0])  # warm-up
+        encode = []
+        for px in pixels[1:]:
+            _sync(dev)
+            t = time.perf_counter()
+            lite.model.encode_images(px)
+            _sync(dev)
+            encode.append(time.perf_counter() - t)
+        res.image_encode_ms = 1000 * statistics.median(encode)
+
+        messages = [lite.user_message(QUESTION)]
+        ids = torch.tensor([lite.processor.encode_prompt(messages)], device=dev)
+        res.prompt_tokens = ids.shape[1]
+        embeds = lite.encode_images([images[0]])
+        gen = {"do_sample": False, "pad_token_id": lite.processor.pad_token_id}
+
+        def ours(n: int):
+            return lambda: lite.model.generate(ids, image_embeds=embeds, max_new_tokens=n, min_new_tokens=n, **gen)
+
+        ours(2)()  # warm-up
+        t1 = _best(ours(1), repeats, dev)
+        tn = _best(ours(new_tokens), repeats, dev)
+        res.prefill_ms = 1000 * t1
+        res.decode_tok_s = (new_tokens - 1) / max(tn - t1, 1e-9)
+
+        # The reference: transformers' own generate on the same LLM and prompt length.
+        ref_ids = torch.randint(100, len(tok) - 100, ids.shape, generator=torch.Generator().manual_seed(0)).to(dev)
+        llm = lite.model.llm
+
+        def ref(n: int):
+            return lambda: llm.generate(input_ids=ref_ids, attention_mask=torch.ones_like(ref_ids),
+                                        max_new_tokens=n, min_new_tokens=n, **gen)
+
+        ref(2)()
+        r1 = _best(ref(1), repeats, dev)
+        rn = _best(ref(new_tokens), repeats, dev)
+        res.reference_prefill_ms = 1000 * r1
+        res.reference_decode_tok_s = (new_tokens - 1) / max(rn - r1, 1e-9)
+
+    # Chat latency as a user sees it: first turn (new image), then a follow-up (cached image).
+    fresh = images[-1]
+    lite.image_cache.clear()
+    t = time.perf_counter()
+    stream = lite.chat(messages, images=[fresh], stream=True, max_new_tokens=new_tokens)
+    first = next(stream, "")
+    res.first_token_ms = 1000 * (time.perf_counter() - t)
+    reply = first + "".join(stream)
+    turn2 = [*messages, {"role": "assistant", "content": reply or "An image."}, {"role": "user", "content": FOLLOW_UP}]
+    t = time.perf_counter()
+    stream = lite.chat(turn2, images=[fresh], stream=True, max_new_tokens=new_tokens)
+    next(stream, "")
+    res.second_turn_first_token_ms = 1000 * (time.perf_counter() - t)
+    stream.close()
+
+    for b in batch_sizes:
+        batch_new = 16
+        imgs = images[:b]
+
+        def batch(imgs=imgs, b=b, n=batch_new):
+            lite.image_cache.clear()
+            lite.ask_batch(imgs, [QUESTION] * b, batch_size=b, max_new_tokens=n, min_new_tokens=n)
+
+        res.batch_tok_s[str(b)] = b * batch_new / _best(batch, max(1, repeats - 1), dev)
+
+    if dev.type == "cuda":
+        res.peak_memory_bytes = torch.cuda.max_memory_allocated(dev)
+        res.peak_memory_kind = "cuda"
+    else:
+        res.peak_memory_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return res
+
+
+def run_all(model_path: str | None, variants: list[str], new_tokens: int = 64, repeats: int = 3,
+            batch_sizes: list[int] | None = None, device: str | None = None) -> dict:
+    """Every variant in a fresh process; returns {"bandwidth_gbs", "results": [...]}."""
+    from tqdm import tqdm
+
+    batch_sizes = batch_sizes or [1, 4, 8]
+    out = {"bandwidth_gbs": memory_bandwidth_gbs(), "threads": torch.get_num_threads(),
+           "model": model_path or "default", "new_tokens": new_tokens, "results": []}
+    for variant in tqdm(variants, desc="bench", unit="variant"):
+        cmd = [sys.executable, "-m", "llava_lite.benchmark", "--variant", variant, "--new-tokens", str(new_tokens),
+               "--repeats", str(repeats), "--batch-sizes", ",".join(map(str, batch_sizes))]
+        if model_path:
+            cmd += ["--model", str(model_path)]
+        if device:
+            cmd += ["--device", device]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            out["results"].append(asdict(BenchResult(variant, "", device or "cpu", error=tail[0][:300])))
+            continue
+        out["results"].append(json.loads(lines[-1]))
+    return out
+
+
+def markdown(report: dict) -> str:
+    bw = report["bandwidth_gbs"]
+    head = (f"Memory read bandwidth: {bw:.1f} GB/s · torch threads: {report['threads']} · "
+            f"{report['new_tokens']} new tokens\n\n")
+    batch_keys = sorted({k for r in report["results"] for k in r.get("batch_tok_s", {})}, key=int)
+    cols = ["variant", "backend", "LLM weights MB", "encode ms", "prefill ms", "first token ms",
+            "2nd-turn first token ms", "decode tok/s", "reference tok/s", "ours/ref", "bound tok/s",
+            "of bound", *[f"batch {k} tok/s" for k in batch_keys], "peak MB"]
+    rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in report["results"]:
+        if r.get("error"):
+            rows.append(f"| {r['variant']} | failed: {r['error']} |" + " |" * (len(cols) - 2))
+            continue
+        bound = bw * 1e9 / r["llm_weight_bytes"]
+        cells = [r["variant"], r["backend"], f"{r['llm_weight_bytes'] / 1e6:.0f}", f"{r['image_encode_ms']:.1f}",
+                 f"{r['prefill_ms']:.0f}", f"{r['first_token_ms']:.0f}", f"{r['second_turn_first_token_ms']:.0f}",
+                 f"{r['decode_tok_s']:.1f}", f"{r['reference_decode_tok_s']:.1f}",
+                 f"{r['decode_tok_s'] / r['reference_decode_tok_s']:.2f}", f"{bound:.1f}",
+                 f"{r['decode_tok_s'] / bound:.0%}",
+                 *[f"{r['batch_tok_s'].get(k, float('nan')):.1f}" for k in batch_keys],
+                 f"{r['peak_memory_bytes'] / 1e6:.0f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return head + "\n".join(rows) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in report["results"] if not r.get("error")]
+    if not ok:
+        return
+    names = [r["variant"] for r in ok]
+    x = np.arange(len(ok))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    ax.bar(x - 0.2, [r["decode_tok_s"] for r in ok], 0.4, label="llava-lite")
+    ax.bar(x + 0.2, [r["reference_decode_tok_s"] for r in ok], 0.4, label="transformers generate")
+    ax.scatter(x, [report["bandwidth_gbs"] * 1e9 / r["llm_weight_bytes"] for r in ok], color="k", marker="_",
+               s=400, label="bandwidth bound", zorder=3)
+    ax.set_xticks(x, names)
+    ax.set_ylabel("decode tokens/s")
+    ax.legend()
+    ax = axes[1]
+    ax.bar(x - 0.2, [r["first_token_ms"] for r in ok], 0.4, label="first turn")
+    ax.bar(x + 0.2, [r["second_turn_first_token_ms"] for r in ok], 0.4, label="second turn (cached image)")
+    ax.set_xticks(x, names)
+    ax.set_ylabel("time to first token (ms)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cmd_bench(args) -> int:
+    """`llava-lite bench` (its arguments are declared in `llava_lite.cli`)."""
+    variants = [v.strip() for v in args.quantize.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        print(f"llava-lite bench: unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}", file=sys.stderr)
+        return 2
+    report = run_all(args.model, variants, args.new_tokens, args.repeats,
+                     [int(b) for b in args.batch_sizes.split(",")], args.device)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(report, indent=2))
+        (out / "bench.md").write_text(markdown(report))
+        plot(report, out / "bench.png")
+    print(json.dumps(report, indent=2) if args.json else markdown(report))
+    return 0 if all(not r.get("error") for r in report["results"]) else 1
+
+
+def _main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="one bench variant (used by `llava-lite bench`)")
+    p.add_argument("--variant", required=True, choices=sorted(VARIANTS))
+    p.add_argument("--model", default=None)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-sizes", default="1,4,8")
+    p.add_argument("--device", default=None)
+    a = p.parse_args()
+    res = run_variant(a.model, a.variant, a.new_tokens, a.repeats, [int(b) for b in a.batch_sizes.split(",")],
+                      a.device)
+    print(json.dumps(asdict(res)))
+
+
+if __name__ == "__main__":
+    _main()
