@@ -17,6 +17,7 @@ from llava_lite.images import ImageInput, load_image
 from llava_lite.lora import is_peft
 from llava_lite.modeling import LlavaLiteModel
 from llava_lite.processor import LlavaLiteProcessor
+from llava_lite.prompt_cache import PromptCache
 from llava_lite.prompting import ConversationError
 
 CAPTION_PROMPT = "Describe the image in one sentence."
@@ -51,6 +52,8 @@ class LlavaLite:
         self.source = source
         self.quantization = "none"
         self.image_cache = ImageEmbedCache()
+        # The KV cache of recent conversations, so a follow-up turn only runs its new tokens.
+        self.prompt_cache = PromptCache(processor.image_token_id, capacity=4)
 
     # -- loading and saving ----------------------------------------------------------
     @classmethod
@@ -106,6 +109,7 @@ class LlavaLite:
         if not is_peft(self.model.llm):
             raise ValueError("this model has no LoRA adapter to merge")
         self.model.llm = self.model.llm.merge_and_unload()
+        self.prompt_cache.clear()
         self.model.config.lora.enabled = False
         self.model.config.llm_subfolder = "llm"
         return self
@@ -114,6 +118,7 @@ class LlavaLite:
         from llava_lite.quantize import quantize_model
 
         self.quantization = quantize_model(self, mode)
+        self.prompt_cache.clear()  # keys and values of the old weights
         return self
 
     @property
@@ -127,8 +132,11 @@ class LlavaLite:
     # -- images ----------------------------------------------------------------------
     def encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor | None:
         """Projected embeddings for `images`, each computed once and then served from cache."""
+        return self._encode_with_keys(images)[0]
+
+    def _encode_with_keys(self, images: Sequence[ImageInput]) -> tuple[torch.Tensor | None, list[str]]:
         if not images:
-            return None
+            return None, []
         pil = [load_image(img) for img in images]
         keys = [image_key(img) for img in pil]
         found = {i: self.image_cache.get(k) for i, k in enumerate(keys)}
@@ -140,7 +148,7 @@ class LlavaLite:
             for row, i in enumerate(missing):
                 found[i] = embeds[row]
                 self.image_cache.put(keys[i], embeds[row])
-        return torch.stack([found[i] for i in range(len(pil))])
+        return torch.stack([found[i] for i in range(len(pil))]), keys
 
     # -- generation ------------------------------------------------------------------
     def _gen_kwargs(self, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
@@ -183,7 +191,8 @@ class LlavaLite:
         messages, images = self._split_messages(messages, images)
         self.processor.check_image_count(messages, len(images))
         ids = self.processor.encode_prompt(messages, max_new_tokens=max_new_tokens)
-        return ids, self.encode_images(images)
+        embeds, keys = self._encode_with_keys(images)
+        return ids, embeds, keys
 
     def chat(
         self,
@@ -196,28 +205,41 @@ class LlavaLite:
 
         Messages are `{"role", "content"}` dicts; images go inline as content parts
         `{"type": "image", "image": X}` or as `<image>` placeholders plus `images=`.
+        A follow-up turn reuses the previous turn's KV cache (see `llava_lite.prompt_cache`).
         """
         kwargs = self._gen_kwargs(**gen)
-        ids, embeds = self._prepare(messages, images, kwargs["max_new_tokens"])
+        ids, embeds, keys = self._prepare(messages, images, kwargs["max_new_tokens"])
         input_ids = torch.tensor([ids], device=self.device)
+        cache = self._take_cache(ids, keys)
         if not stream:
-            out = self.model.generate(input_ids, image_embeds=embeds, **kwargs)
+            with torch.no_grad():
+                out = self.model.generate(input_ids, image_embeds=embeds, past_key_values=cache, **kwargs)
+            self.prompt_cache.put(ids + out[0].tolist(), keys, cache)
             return self.processor.tokenizer.decode(out[0], skip_special_tokens=True).strip()
-        return self._stream(input_ids, embeds, kwargs)
+        return self._stream(input_ids, embeds, kwargs, cache, keys)
 
-    def _stream(self, input_ids, embeds, kwargs) -> Iterator[str]:
+    def _take_cache(self, ids: list[int], keys: list[str]):
+        from transformers import DynamicCache
+
+        cache, _ = self.prompt_cache.take(ids, keys)
+        return cache if cache is not None else DynamicCache(config=self.model.llm.config)
+
+    def _stream(self, input_ids, embeds, kwargs, cache, keys) -> Iterator[str]:
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
+        generated: list[torch.Tensor] = []
         cancel = threading.Event()
         criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
         criteria.append(_StopOnEvent(cancel))
 
         def run() -> None:
             try:
-                self.model.generate(input_ids, image_embeds=embeds, streamer=streamer,
-                                    stopping_criteria=criteria, **kwargs)
+                with torch.no_grad():
+                    generated.append(self.model.generate(
+                        input_ids, image_embeds=embeds, streamer=streamer, stopping_criteria=criteria,
+                        past_key_values=cache, **kwargs))
             except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
                 errors.append(err)
                 streamer.end()
@@ -237,6 +259,8 @@ class LlavaLite:
             # connection): end generation at the next token instead of running to the end.
             cancel.set()
             thread.join()
+            if generated:
+                self.prompt_cache.put(input_ids[0].tolist() + generated[0][0].tolist(), keys, cache)
         if errors:
             raise errors[0]
 
