@@ -36,7 +36,7 @@ def quantize_model(lite, mode: str) -> str:
     model = lite.model
     backend = resolve_backend(mode, model.device)
     if is_peft(model.llm):
-        model.llm = model.llm.merge_and_unload()
+        lite.merge_lora()  # also marks the config as merged
     if backend == "dynamic-int8":
         model.llm = _dynamic_int8(model.llm)
     elif backend.startswith("torchao-"):

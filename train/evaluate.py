@@ -9,6 +9,7 @@ from typing import Any
 from llava_lite.api import LlavaLite
 from llava_lite.exact_match import evaluate_exact_match
 from llava_lite.packaged import cache_dir
+from llava_lite.quantize import BACKENDS
 from train.recipe import EvalSpec
 
 
@@ -105,7 +106,8 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="a seeded random sample of N questions (default: all)")
     p.add_argument("--scenes", type=int, default=200, help="scenes task: number of held-out scenes (default: 200)")
     p.add_argument("--out", default=None, help="report folder (default: runs/eval/TASK)")
-    p.add_argument("--quantize", default="none", choices=["none", "8bit", "4bit"], help="LLM quantization")
+    p.add_argument("--quantize", default="none", choices=["none", "8bit", "4bit", *BACKENDS],
+                   help="LLM quantization: 8bit, 4bit or a named backend (default: none)")
     p.add_argument("--max-new-tokens", type=int, default=6, help="answer length cap (default: 6)")
     p.add_argument("--no-merge", action="store_true", help="keep the LoRA adapter unmerged")
     p.add_argument("--threads", type=int, default=None, help="torch threads")

@@ -1,0 +1,183 @@
+"""Soak test: N concurrent clients against `llava-lite serve` for M minutes.
+
+    python -m serve.soak --clients 8 --minutes 10 --out runs/soak
+
+Starts its own server (or uses --url), mixes browser-API (gradio_client) and OpenAI-API
+requests over easy-VQA test images, then reports requests served, errors, p50/p95 latency
+and the server's memory over time (with its trend), as JSON, markdown and a PNG.
+Not part of CI: it runs for minutes by design.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _start_server(args, log_path: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "llava_lite.cli", "serve", "--port", str(port), "--quantize", args.quantize,
+           "--concurrency", str(args.concurrency)]
+    if args.model:
+        cmd += ["--model", args.model]
+    log = open(log_path, "w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited; see {log_path}")
+        log.seek(0)
+        found = re.search(r"llava-lite chat on (http://\S+)", log.read())
+        if found:
+            return proc, found.group(1).rstrip("/")
+        time.sleep(1)
+    proc.kill()
+    raise SystemExit(f"the server did not start in 300 s; see {log_path}")
+
+
+def _client(worker: int, url: str, items: list[dict], stop: float, results: list, lock: threading.Lock) -> None:
+    from gradio_client import Client, handle_file
+    from openai import OpenAI
+
+    rng = random.Random(worker)
+    gradio = Client(url, verbose=False)
+    openai = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+    while time.time() < stop:
+        item = rng.choice(items)
+        via = "openai" if rng.random() < 0.5 else "gradio"
+        t = time.perf_counter()
+        error = ""
+        try:
+            if via == "gradio":
+                reply = gradio.predict(message={"text": item["question"], "files": [handle_file(item["image"])]},
+                                       api_name="/chat")
+                if reply.startswith("⚠️"):
+                    error = reply
+            else:
+                uri = "data:image/png;base64," + base64.b64encode(Path(item["image"]).read_bytes()).decode()
+                content = [{"type": "image_url", "image_url": {"url": uri}},
+                           {"type": "text", "text": item["question"]}]
+                out = openai.chat.completions.create(model="llava-lite", max_tokens=8,
+                                                     messages=[{"role": "user", "content": content}])
+                reply = out.choices[0].message.content
+        except Exception as err:  # noqa: BLE001 - every failure is counted, none stops the soak
+            error, reply = f"{type(err).__name__}: {err}"[:200], ""
+        with lock:
+            results.append({"t": time.time(), "via": via, "latency_s": time.perf_counter() - t, "error": error,
+                            "correct": reply.strip(" .").lower() == item["answer"]})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default=None, help="an already running server (default: start one)")
+    p.add_argument("--model", default=None, help="model for the started server (default: built-in)")
+    p.add_argument("--quantize", default="8bit", help="quantization for the started server (default: 8bit)")
+    p.add_argument("--concurrency", type=int, default=2, help="server generation slots (default: 2)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients (default: 8)")
+    p.add_argument("--minutes", type=float, default=5.0, help="how long to run (default: 5)")
+    p.add_argument("--out", default="runs/soak", help="report folder (default: runs/soak)")
+    args = p.parse_args(argv)
+
+    from data.easyvqa import eval_items
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    proc, url = (None, args.url.rstrip("/")) if args.url else _start_server(args, out / "server.log")
+    items = eval_items("test", limit=500, seed=1)
+    memory: list[tuple[float, float]] = []
+    results: list[dict] = []
+    lock = threading.Lock()
+    start = time.time()
+    stop = start + 60 * args.minutes
+    threads = [threading.Thread(target=_client, args=(i, url, items, stop, results, lock), daemon=True)
+               for i in range(args.clients)]
+    for th in threads:
+        th.start()
+    try:
+        from tqdm import tqdm
+
+        with tqdm(total=int(60 * args.minutes), desc="soak", unit="s") as bar:
+            while time.time() < stop:
+                if proc is not None:
+                    memory.append((time.time() - start, _rss_mb(proc.pid)))
+                time.sleep(5)
+                bar.n = min(int(time.time() - start), bar.total)
+                bar.set_postfix(requests=len(results), errors=sum(bool(r["error"]) for r in results))
+        for th in threads:
+            th.join(timeout=600)
+        if proc is not None:
+            memory.append((time.time() - start, _rss_mb(proc.pid)))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+    lat = np.array([r["latency_s"] for r in results if not r["error"]]) if results else np.array([])
+    mem = np.array(memory)
+    tail = mem[len(mem) // 4:]  # after warm-up: caches fill during the first quarter
+    slope = float(np.polyfit(tail[:, 0] / 60, tail[:, 1], 1)[0]) if len(mem) > 8 else float("nan")
+    report = {
+        "clients": args.clients, "minutes": args.minutes, "requests": len(results),
+        "errors": sum(bool(r["error"]) for r in results),
+        "error_examples": sorted({r["error"] for r in results if r["error"]})[:5],
+        "p50_s": float(np.percentile(lat, 50)) if lat.size else None,
+        "p95_s": float(np.percentile(lat, 95)) if lat.size else None,
+        "requests_per_min": len(results) / args.minutes,
+        "accuracy": float(np.mean([r["correct"] for r in results if not r["error"]])) if lat.size else None,
+        "rss_start_mb": float(mem[0, 1]) if len(mem) else None,
+        "rss_end_mb": float(mem[-1, 1]) if len(mem) else None,
+        "rss_trend_mb_per_min_after_warmup": slope,
+    }
+    (out / "soak.json").write_text(json.dumps({**report, "memory": memory}, indent=2))
+    md = "| measure | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in report.items())
+    (out / "soak.md").write_text(md)
+    _plot(results, memory, out / "soak.png", start)
+    print(md)
+    return 0 if report["errors"] == 0 else 1
+
+
+def _plot(results: list[dict], memory: list, path: Path, start: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ok = [r for r in results if not r["error"]]
+    axes[0].scatter([r["t"] - start for r in ok], [r["latency_s"] for r in ok], s=4)
+    axes[0].set_xlabel("seconds")
+    axes[0].set_ylabel("latency (s)")
+    axes[0].set_title(f"{len(results)} requests, {len(results) - len(ok)} errors")
+    if memory:
+        axes[1].plot([m[0] for m in memory], [m[1] for m in memory])
+    axes[1].set_xlabel("seconds")
+    axes[1].set_ylabel("server RSS (MB)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
