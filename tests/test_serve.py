@@ -278,3 +278,12 @@ def test_serve_defaults_are_local_and_private():
     assert args.host == "127.0.0.1" and args.share is False and args.allow_local_files is None
     assert args.quantize == "8bit"
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_generation_timeout_stops_a_long_reply(tiny_lite):
+    engine = ChatEngine(tiny_lite(lora=False), ServeLimits(max_new_tokens=200, generation_timeout_s=0.05))
+    text, stats = engine.complete(_ask("go on", max_new_tokens=200))
+    # a tiny random model does not stop on its own; the time limit stops it
+    assert stats.finish_reason == "timeout", stats
+    assert stats.completion_tokens < 200
+    assert stats.total_s < 2.0
