@@ -25,11 +25,12 @@ def recall_at_k(sim: torch.Tensor, relevant: Sequence[set[int]], ks: Sequence[in
 def retrieval_metrics(
     image_emb: torch.Tensor,
     text_emb: torch.Tensor,
-    text_image: Sequence[int] | None = None,
+    text_image: Sequence[int | set[int]] | None = None,
     ks: Sequence[int] = (1, 5, 10),
 ) -> dict[str, float]:
     """R@K image->text and text->image for embeddings of images (n_img, d) and texts
-    (n_txt, d). `text_image[j]` is the image text j describes (default: text j <-> image j).
+    (n_txt, d). `text_image[j]` is the image text j describes, or the set of images it
+    describes equally well (default: text j <-> image j).
     Embeddings are L2-normalised here, so raw pooled features can be passed."""
     img = F.normalize(image_emb.float(), dim=-1)
     txt = F.normalize(text_emb.float(), dim=-1)
@@ -37,18 +38,20 @@ def retrieval_metrics(
         if len(img) != len(txt):
             raise ValueError("give text_image when the numbers of images and texts differ")
         text_image = list(range(len(txt)))
-    text_image = list(text_image)
+    images_of = [set(t) if isinstance(t, (set, frozenset, list, tuple)) else {int(t)} for t in text_image]
     sim = img @ txt.T
     texts_of: list[set[int]] = [set() for _ in range(len(img))]
-    for j, i in enumerate(text_image):
-        texts_of[i].add(j)
+    for j, imgs in enumerate(images_of):
+        for i in imgs:
+            texts_of[i].add(j)
     out: dict[str, float] = {}
     for k, v in recall_at_k(sim, texts_of, ks).items():
         out[f"i2t_R@{k}"] = v
-    for k, v in recall_at_k(sim.T, [{i} for i in text_image], ks).items():
+    for k, v in recall_at_k(sim.T, images_of, ks).items():
         out[f"t2i_R@{k}"] = v
     matched = torch.zeros_like(sim, dtype=torch.bool)
-    matched[torch.tensor(text_image), torch.arange(len(txt))] = True
+    for j, imgs in enumerate(images_of):
+        matched[list(imgs), j] = True
     out["matched_cos"] = sim[matched].mean().item()
     out["unmatched_cos"] = sim[~matched].mean().item() if (~matched).any() else float("nan")
     return out

@@ -135,3 +135,12 @@ def test_recall_with_several_captions_per_image():
     txt = torch.tensor([[1.0, 0.1], [0.9, 0.2], [0.1, 1.0]])
     m = retrieval_metrics(img, txt, text_image=[0, 0, 1], ks=(1,))
     assert m["i2t_R@1"] == 1.0 and m["t2i_R@1"] == 1.0
+
+
+def test_recall_when_one_caption_describes_several_images():
+    img = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # text 0 fits images 0 and 1 alike
+    m = retrieval_metrics(img, txt, text_image=[{0, 1}, 2], ks=(1,))
+    assert m["i2t_R@1"] == 1.0 and m["t2i_R@1"] == 1.0
+    m = retrieval_metrics(img, txt, text_image=[0, 2], ks=(1,))  # image 1 then has no text
+    assert m["i2t_R@1"] == pytest.approx(2 / 3)

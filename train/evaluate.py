@@ -37,6 +37,7 @@ def run_stage_eval(model, processor, specs: list[EvalSpec], out_dir: Path, progr
 
 # -- `llava-lite eval` ------------------------------------------------------------------------
 EXACT_MATCH_TASKS = {"easyvqa": "easyvqa-test", "scenes": "scenes-test"}
+_TASK_NAMES = ("vqa", "caption", "pope", "alignment", "consistency")  # train/eval_tasks.py
 
 
 def write_reports(result: dict[str, Any], out_dir: Path, title: str) -> None:
@@ -71,24 +72,43 @@ def cmd_eval(args) -> int:
 
     import torch
 
-    from data.builders import build_eval_set
+    from train.eval_tasks import TASKS, write_table_report
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    lite = LlavaLite.from_pretrained(args.model, quantize=args.quantize)
-    if lite.config.lora.enabled and not args.no_merge:
-        lite.merge_lora()  # same function, twice the decode speed
+    lite = None
+    if not (args.task == "alignment" and args.stages):
+        lite = LlavaLite.from_pretrained(args.model, quantize=args.quantize)
+        if lite.config.lora.enabled and not args.no_merge:
+            lite.merge_lora()  # same function, twice the decode speed
+    out = Path(args.out or f"runs/eval/{args.task}")
+    t0 = time.perf_counter()
+    if args.task in TASKS:
+        result, table = TASKS[args.task](lite, args)
+        seconds = time.perf_counter() - t0
+        preds = result.pop("predictions", None)
+        result.update(task=args.task, model=str(args.stages or (lite.source if lite else "")),
+                      quantization=lite.quantization if lite else "none", seconds=round(seconds, 1))
+        write_table_report(out, f"{args.task}: {result['model']}", table, result,
+                           percent=args.task not in ("caption",))
+        if preds is not None:
+            with open(out / "predictions.jsonl", "w") as fh:
+                for p in preds:
+                    fh.write(json.dumps(p) + "\n")
+        print((out / "result.md").read_text())
+        print(f"{args.task}: {seconds:.0f}s -> {out}")
+        return 0
+    from data.builders import build_eval_set
+
     set_args: dict[str, Any] = {"limit": args.limit}
     if args.task == "scenes":
         set_args["n"] = args.scenes
     items = build_eval_set(EXACT_MATCH_TASKS[args.task], cache_dir() / "data", **set_args)
-    t0 = time.perf_counter()
     result = evaluate_exact_match(lite, items, max_new_tokens=args.max_new_tokens)
     seconds = time.perf_counter() - t0
     preds = result.pop("predictions")
     result.update(task=args.task, model=lite.source, quantization=lite.quantization, seconds=round(seconds, 1),
                   questions_per_s=round(len(items) / seconds, 2))
-    out = Path(args.out or f"runs/eval/{args.task}")
     write_reports(result, out, f"{args.task}: {lite.source}")
     with open(out / "predictions.jsonl", "w") as fh:
         for p in preds:
@@ -100,9 +120,16 @@ def cmd_eval(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a model (exact match on easy-VQA or the scene generator's test split)")
+    p = sub.add_parser(
+        "eval", help="evaluate a model: easyvqa, scenes, vqa, caption, pope, alignment, consistency",
+        description="Tasks: easyvqa/scenes (exact match by answer type); vqa (VQAv2 soft accuracy on "
+                    "--questions); caption (BLEU-1..4, CIDEr-D on --captions COCO json or the generator's "
+                    "held-out scenes); pope (yes/no existence probes, random/popular/adversarial negatives); "
+                    "alignment (image-text R@K per stage with --stages RUN); consistency (agreement of "
+                    "sampled captions). Writes result.json, result.md, result.png and predictions.jsonl.")
     p.add_argument("--model", default=None, help="checkpoint (default: the built-in model)")
-    p.add_argument("--task", required=True, choices=sorted(EXACT_MATCH_TASKS), help="evaluation task")
+    p.add_argument("--task", required=True, choices=sorted({*EXACT_MATCH_TASKS, *_TASK_NAMES}),
+                   help="evaluation task")
     p.add_argument("--limit", type=int, default=None, help="a seeded random sample of N questions (default: all)")
     p.add_argument("--scenes", type=int, default=200, help="scenes task: number of held-out scenes (default: 200)")
     p.add_argument("--out", default=None, help="report folder (default: runs/eval/TASK)")
@@ -111,4 +138,13 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=6, help="answer length cap (default: 6)")
     p.add_argument("--no-merge", action="store_true", help="keep the LoRA adapter unmerged")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--questions", default=None, help="vqa: JSON/JSONL rows with image, question, answers")
+    p.add_argument("--captions", default=None, help="caption: COCO-format caption annotations (default: scenes)")
+    p.add_argument("--image-root", default=None, help="vqa/caption: folder image paths are relative to")
+    p.add_argument("--prompt", default=None, help="caption/consistency: the instruction (default: the demo's)")
+    p.add_argument("--stages", default=None, help="alignment: a training run folder; scores every stage")
+    p.add_argument("--samples", type=int, default=5, help="consistency: captions sampled per image (default: 5)")
+    p.add_argument("--temperature", type=float, default=0.8, help="consistency: sampling temperature")
+    p.add_argument("--flag-below", type=float, default=0.5,
+                   help="consistency: flag images whose agreement is below this (default: 0.5)")
     p.set_defaults(func=cmd_eval)

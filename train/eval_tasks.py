@@ -1,0 +1,303 @@
+"""`llava-lite eval` tasks beyond exact match: VQA soft accuracy, captioning, POPE,
+alignment retrieval per stage, and caption consistency. Each returns a result dict and a
+table (rows x metrics) that `write_table_report` turns into JSON, markdown and a PNG."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from llava_lite.api import LlavaLite
+from llava_lite.caption_metrics import bleu, cider_d, tokenize
+from llava_lite.pope import STRATEGIES, build_probes, pope_metrics
+from llava_lite.retrieval import retrieval_metrics
+from llava_lite.vqa_metrics import vqa_accuracy
+
+CAPTION_PROMPT = "Describe the image briefly."  # one of the demo recipe's caption prompts
+
+
+# -- reports ---------------------------------------------------------------------------
+def write_table_report(out_dir: Path, title: str, table: dict[str, dict[str, float]], result: dict[str, Any],
+                       plot_metrics: Sequence[str] | None = None, percent: bool = True) -> None:
+    """result.json (everything), result.md (the table) and result.png (grouped bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "result.json").write_text(json.dumps({**result, "table": table}, indent=2) + "\n")
+    metrics = list(dict.fromkeys(k for row in table.values() for k in row))
+    fmt = (lambda v: f"{v:.2%}") if percent else (lambda v: f"{v:.4f}")
+    lines = [f"# {title}", "", "| | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for name, row in table.items():
+        cells = [fmt(row[m]) if isinstance(row.get(m), float) else str(row.get(m, "")) for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    (out_dir / "result.md").write_text("\n".join(lines) + "\n")
+    shown = [m for m in (plot_metrics or metrics) if all(isinstance(r.get(m), float) for r in table.values())]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(table) * max(1, len(shown)) / 2), 3.8), dpi=100)
+    width = 0.8 / max(1, len(shown))
+    for i, metric in enumerate(shown):
+        xs = [j + i * width for j in range(len(table))]
+        bars = ax.bar(xs, [row[metric] for row in table.values()], width, label=metric)
+        ax.bar_label(bars, labels=[f"{row[metric]:.2f}" for row in table.values()], fontsize=6)
+    ax.set_xticks([j + width * (len(shown) - 1) / 2 for j in range(len(table))], list(table))
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_dir / "result.png")
+    plt.close(fig)
+
+
+# -- vqa: a user's question file ---------------------------------------------------------
+def load_vqa_items(path: str | Path, image_root: str | Path | None = None) -> list[dict[str, Any]]:
+    """Rows of JSON or JSONL: {"image", "question" | "text", "answers": [...] | "answer"}, or
+    LLaVA rows whose first human turn is the question and first gpt turn the answer."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: question file not found")
+    text = path.read_text()
+    try:
+        rows = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines()
+                                                                 if line.strip()]
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON{'L' if path.suffix != '.json' else ''} ({err})") from err
+    root = Path(image_root) if image_root else path.parent
+    items = []
+    for i, row in enumerate(rows):
+        where = f"{path}:{i}"
+        if not isinstance(row, dict) or "image" not in row:
+            raise ValueError(f"{where}: each row needs an 'image'")
+        question = row.get("question", row.get("text"))
+        answers = row.get("answers", [row["answer"]] if "answer" in row else None)
+        if question is None and "conversations" in row:
+            turns = row["conversations"]
+            question = next((t["value"] for t in turns if t.get("from") == "human"), None)
+            answers = [next((t["value"] for t in turns if t.get("from") == "gpt"), "")]
+        if not question or not answers:
+            raise ValueError(f"{where}: needs a question and answers")
+        answers = [a["answer"] if isinstance(a, dict) else str(a) for a in answers]
+        image = Path(row["image"])
+        items.append({"image": str(image if image.is_absolute() else root / image),
+                      "question": question.replace("<image>", "").strip(), "answers": answers,
+                      "type": row.get("answer_type", row.get("question_type", "all"))})
+    if not items:
+        raise ValueError(f"{path}: no questions")
+    return items
+
+
+def _answer_grouped(lite: LlavaLite, items: Sequence[dict[str, Any]], max_new_tokens: int, desc: str) -> list[str]:
+    """Greedy answers, questions about one image answered together (shared prefix)."""
+    by_image: dict[str, list[int]] = defaultdict(list)
+    for i, item in enumerate(items):
+        by_image[item["image"]].append(i)
+    preds = [""] * len(items)
+    with tqdm(total=len(items), desc=desc, unit="q") as bar:
+        for image, idx in by_image.items():
+            for i, ans in zip(idx, lite.ask_many(image, [items[i]["question"] for i in idx],
+                                                 max_new_tokens=max_new_tokens), strict=True):
+                preds[i] = ans
+            bar.update(len(idx))
+    return preds
+
+
+def task_vqa(lite: LlavaLite, args) -> tuple[dict, dict]:
+    if not args.questions:
+        raise ValueError("--task vqa needs --questions FILE (JSON/JSONL with image, question, answers)")
+    items = load_vqa_items(args.questions, args.image_root)
+    if args.limit:
+        items = random.Random(0).sample(items, min(args.limit, len(items)))
+    preds = _answer_grouped(lite, items, args.max_new_tokens, "vqa")
+    scores = [vqa_accuracy(p, it["answers"]) for p, it in zip(preds, items, strict=True)]
+    by_type: dict[str, list[float]] = defaultdict(list)
+    for s, it in zip(scores, items, strict=True):
+        by_type[it["type"]].append(s)
+    table = {k: {"vqa accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_type.items())}
+    table["all"] = {"vqa accuracy": sum(scores) / len(scores), "n": len(scores)}
+    predictions = [{**it, "prediction": p, "score": s} for it, p, s in zip(items, preds, scores, strict=True)]
+    return {"accuracy": table["all"]["vqa accuracy"], "n": len(items), "predictions": predictions}, table
+
+
+# -- caption ----------------------------------------------------------------------------
+def load_coco_captions(path: str | Path, image_root: str | Path | None) -> dict[str, list[str]]:
+    """COCO caption annotations -> {image path: [reference captions]}."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: caption file not found")
+    data = json.loads(path.read_text())
+    root = Path(image_root) if image_root else path.parent
+    files = {img["id"]: str(root / img["file_name"]) for img in data.get("images", [])}
+    refs: dict[str, list[str]] = defaultdict(list)
+    for i, ann in enumerate(data.get("annotations", [])):
+        if ann.get("image_id") not in files:
+            raise ValueError(f"{path}: annotations[{i}] names image_id {ann.get('image_id')!r}, not in 'images'")
+        refs[files[ann["image_id"]]].append(ann["caption"])
+    if not refs:
+        raise ValueError(f"{path}: no captions")
+    return dict(refs)
+
+
+def scenes_references(n: int) -> dict[str, list[str]]:
+    from data.builders import _scenes
+    from data.scenes import _objects, caption
+    from llava_lite.packaged import cache_dir
+
+    return {s["image"]: [caption(_objects(s))] for s in _scenes(cache_dir() / "data", "test", n, 0)}
+
+
+def task_caption(lite: LlavaLite, args) -> tuple[dict, dict]:
+    refs = load_coco_captions(args.captions, args.image_root) if args.captions else scenes_references(args.scenes)
+    images = sorted(refs)[: args.limit or None]
+    hyps = {}
+    for start in tqdm(range(0, len(images), 8), desc="captions", unit="batch"):
+        chunk = images[start:start + 8]
+        for img, cap in zip(chunk, lite.ask_batch(chunk, [args.prompt or CAPTION_PROMPT] * len(chunk),
+                                                   batch_size=8, max_new_tokens=max(args.max_new_tokens, 48)),
+                            strict=True):
+            hyps[img] = cap
+    refs = {k: refs[k] for k in images}
+    b = bleu(hyps, refs)
+    scores = {f"BLEU-{k + 1}": b[k] for k in range(4)} | {"CIDEr-D": cider_d(hyps, refs)}
+    source = args.captions or f"scene generator held-out split ({len(images)} scenes)"
+    result = {**scores, "n": len(images), "source": source, "prompt": args.prompt or CAPTION_PROMPT,
+              "not_computed": "METEOR and SPICE (their reference implementations need Java)",
+              "predictions": [{"image": k, "caption": hyps[k], "references": refs[k]} for k in images]}
+    return result, {"captions": scores}
+
+
+# -- pope -------------------------------------------------------------------------------
+def pope_objects(source: str, n: int) -> dict[str, set[str]]:
+    """Objects per image ("red circle") from the generator's or easy-VQA's test annotations."""
+    if source == "scenes":
+        from data.builders import _scenes
+        from llava_lite.packaged import cache_dir
+
+        return {s["image"]: {f"{o['color']} {o['shape']}" for o in s["objects"]}
+                for s in _scenes(cache_dir() / "data", "test", n, 0)}
+    from data.easyvqa import image_facts, image_paths
+
+    facts, paths = image_facts("test"), image_paths("test")
+    chosen = sorted(facts)[:n]
+    return {paths[i]: {f"{facts[i]['color']} {facts[i]['shape']}"} for i in chosen
+            if "color" in facts[i] and "shape" in facts[i]}
+
+
+def task_pope(lite: LlavaLite, args) -> tuple[dict, dict]:
+    from data.easyvqa import SHORT_ANSWER
+
+    table, result = {}, {"predictions": []}
+    for source in ("scenes", "easyvqa"):
+        objects = pope_objects(source, args.scenes if source == "scenes" else args.limit or 500)
+        for strategy in STRATEGIES:
+            probes = build_probes(objects, strategy, per_image=3, seed=0,
+                                  template=SHORT_ANSWER + "\nIs there a {} in the image?")
+            preds = _answer_grouped(lite, probes, 4, f"pope {source}/{strategy}")
+            m = pope_metrics(preds, [p["answer"] for p in probes])
+            table[f"{source} {strategy}"] = {k: m[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
+            result[f"{source}/{strategy}"] = m
+            result["predictions"] += [{**p, "prediction": a, "set": f"{source}/{strategy}"}
+                                      for p, a in zip(probes, preds, strict=True)]
+    return result, table
+
+
+# -- alignment ----------------------------------------------------------------------------
+@torch.no_grad()
+def alignment_metrics(lite: LlavaLite, images: Sequence[str], captions: Sequence[str]) -> dict[str, float]:
+    """R@K between mean-pooled projected image tokens and mean-pooled caption token
+    embeddings (the LLM's input embeddings), with identical captions merged into one text."""
+    texts = list(dict.fromkeys(captions))
+    index = {t: j for j, t in enumerate(texts)}
+    pooled = []
+    for start in range(0, len(images), 16):
+        pooled.append(lite.encode_images(list(images[start:start + 16])).float().mean(dim=1))
+    image_emb = torch.cat(pooled)
+    table = lite.model.llm.get_input_embeddings()
+    tok = lite.processor.tokenizer
+    text_emb = torch.stack([table(torch.tensor(tok(t, add_special_tokens=False).input_ids,
+                                               device=lite.device)).float().mean(0) for t in texts])
+    images_of: list[set[int]] = [set() for _ in texts]
+    for i, c in enumerate(captions):
+        images_of[index[c]].add(i)
+    m = retrieval_metrics(image_emb, text_emb, text_image=images_of, ks=(1, 5, 10))
+    m["distinct_captions"] = float(len(texts))
+    return m
+
+
+def stage_models(run_dir: str | Path) -> list[tuple[str, Path]]:
+    found = sorted(p for p in Path(run_dir).glob("*-*/model") if (p / "config.json").is_file())
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no stage folders (N-stage/model) with a checkpoint")
+    return [(p.parent.name, p) for p in found]
+
+
+def task_alignment(lite_or_none, args) -> tuple[dict, dict]:
+    from llava_lite.checkpoint import build_model
+
+    refs = scenes_references(args.scenes)
+    images = sorted(refs)[: args.limit or None]
+    captions = [refs[k][0] for k in images]
+    models: list[tuple[str, Any]] = []
+    if args.stages:
+        stages = stage_models(args.stages)
+        first = LlavaLite.from_pretrained(stages[0][1])
+        fresh, processor = build_model(first.config, seed=0)  # what the align stage started from
+        models.append(("init (untrained projector)", LlavaLite(fresh, processor, "init")))
+        models += [(name, path) for name, path in stages]
+    else:
+        models.append((str(args.model or "default"), lite_or_none))
+    table, result = {}, {}
+    for name, model in tqdm(models, desc="alignment", unit="model"):
+        lite = LlavaLite.from_pretrained(model) if isinstance(model, Path) else model
+        m = alignment_metrics(lite, images, captions)
+        table[name] = {k: v for k, v in m.items() if k != "distinct_captions"}
+        result[name] = m
+    result["n_images"] = len(images)
+    return result, table
+
+
+# -- consistency ----------------------------------------------------------------------------
+def token_f1(a: str, b: str) -> float:
+    ta, tb = Counter(tokenize(a)), Counter(tokenize(b))
+    common = sum((ta & tb).values())
+    if not ta or not tb or not common:
+        return float(not ta and not tb)
+    p, r = common / sum(ta.values()), common / sum(tb.values())
+    return 2 * p * r / (p + r)
+
+
+def agreement(samples: Sequence[str]) -> float:
+    """Mean pairwise token F1 among sampled captions (1 = all the same words)."""
+    pairs = list(itertools.combinations(samples, 2))
+    return sum(token_f1(a, b) for a, b in pairs) / len(pairs) if pairs else 1.0
+
+
+def task_consistency(lite: LlavaLite, args) -> tuple[dict, dict]:
+    refs = scenes_references(args.scenes)
+    images = sorted(refs)[: args.limit or 50]
+    k = max(2, args.samples)
+    torch.manual_seed(0)
+    rows = []
+    for img in tqdm(images, desc="consistency", unit="image"):
+        samples = lite.ask_batch([img] * k, [args.prompt or CAPTION_PROMPT] * k, batch_size=k,
+                                 max_new_tokens=max(args.max_new_tokens, 48), temperature=args.temperature,
+                                 top_p=0.95)
+        rows.append({"image": img, "agreement": agreement(samples), "samples": samples,
+                     "reference": refs[img][0]})
+    flagged = [r for r in rows if r["agreement"] < args.flag_below]
+    mean = sum(r["agreement"] for r in rows) / len(rows)
+    table = {"captions": {"mean agreement": mean, "flagged share": len(flagged) / len(rows)}}
+    result = {"mean_agreement": mean, "flag_below": args.flag_below, "samples_per_image": k,
+              "temperature": args.temperature, "n": len(rows), "flagged": flagged, "predictions": rows}
+    return result, table
+
+
+TASKS = {"vqa": task_vqa, "caption": task_caption, "pope": task_pope, "alignment": task_alignment,
+         "consistency": task_consistency}
