@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +49,7 @@ class BenchResult:
     first_token_ms: float = 0.0  # first turn: image encode + prefill + first token
     second_turn_first_token_ms: float = 0.0  # image features cached
     decode_tok_s: float = 0.0
+    reference: str = ""
     reference_prefill_ms: float = 0.0
     reference_decode_tok_s: float = 0.0
     batch_tok_s: dict[str, float] = field(default_factory=dict)
@@ -127,6 +130,13 @@ def _images(n: int) -> list:
     return out
 
 
+def _exportable(lite) -> bool:
+    from llava_lite.projectors import MLP2xGeluProjector
+    from llava_lite.vision.clip import CLIPTower
+
+    return isinstance(lite.model.vision_tower, CLIPTower) and isinstance(lite.model.projector, MLP2xGeluProjector)
+
+
 def run_variant(model_path: str | None, variant: str, new_tokens: int, repeats: int,
                 batch_sizes: list[int], device: str | None) -> BenchResult:
     from llava_lite.api import LlavaLite
@@ -136,6 +146,12 @@ def run_variant(model_path: str | None, variant: str, new_tokens: int, repeats: 
     lite = LlavaLite.from_pretrained(model_path, dtype=dtype, device=device)
     if lite.config.lora.enabled:
         lite.merge_lora()  # what serving does too: merged weights, no adapter overhead per token
+    hf_dir = None
+    if quantize is None and _exportable(lite):
+        from llava_lite.hf_interop import export_hf
+
+        hf_dir = Path(tempfile.mkdtemp(prefix="llava-lite-bench-"))
+        export_hf(lite.model, lite.processor, hf_dir)
     if quantize:
         lite.quantize(quantize)
     dev = lite.device
@@ -174,19 +190,35 @@ def run_variant(model_path: str | None, variant: str, new_tokens: int, repeats: 
         res.prefill_ms = 1000 * t1
         res.decode_tok_s = (new_tokens - 1) / max(tn - t1, 1e-9)
 
-        # The reference: transformers' own generate on the same LLM and prompt length.
-        ref_ids = torch.randint(100, len(tok) - 100, ids.shape, generator=torch.Generator().manual_seed(0)).to(dev)
-        llm = lite.model.llm
+        # The reference: transformers' own generate on the same LLM and prompt length
+        # (LlavaForConditionalGeneration on the exported model where the model can be exported).
+        if hf_dir is not None:
+            from transformers import LlavaForConditionalGeneration
 
-        def ref(n: int):
-            return lambda: llm.generate(input_ids=ref_ids, attention_mask=torch.ones_like(ref_ids),
-                                        max_new_tokens=n, min_new_tokens=n, **gen)
+            hf = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=lite.model.dtype).to(dev).eval()
+            pix = lite.processor.pixel_values([images[0]]).to(dev, lite.model.dtype)
+            res.reference = "LlavaForConditionalGeneration (export-hf)"
+
+            def ref(n: int):
+                return lambda: hf.generate(input_ids=ids, pixel_values=pix, attention_mask=torch.ones_like(ids),
+                                           max_new_tokens=n, min_new_tokens=n, **gen)
+        else:
+            ref_ids = torch.randint(100, len(tok) - 100, ids.shape, generator=torch.Generator().manual_seed(0))
+            ref_ids = ref_ids.to(dev)
+            llm = lite.model.llm
+            res.reference = "AutoModelForCausalLM.generate (same LLM)"
+
+            def ref(n: int):
+                return lambda: llm.generate(input_ids=ref_ids, attention_mask=torch.ones_like(ref_ids),
+                                            max_new_tokens=n, min_new_tokens=n, **gen)
 
         ref(2)()
         r1 = _best(ref(1), repeats, dev)
         rn = _best(ref(new_tokens), repeats, dev)
         res.reference_prefill_ms = 1000 * r1
         res.reference_decode_tok_s = (new_tokens - 1) / max(rn - r1, 1e-9)
+        if hf_dir is not None:
+            del hf
 
     # Chat latency as a user sees it: time to the first token of a first turn (a new image:
     # load, encode, template, prefill) and of a follow-up (image features and the previous
@@ -214,6 +246,8 @@ def run_variant(model_path: str | None, variant: str, new_tokens: int, repeats: 
 
         res.batch_tok_s[str(b)] = b * batch_new / _best(batch, max(1, repeats - 1), dev)
 
+    if hf_dir is not None:
+        shutil.rmtree(hf_dir, ignore_errors=True)
     if dev.type == "cuda":
         res.peak_memory_bytes = torch.cuda.max_memory_allocated(dev)
         res.peak_memory_kind = "cuda"
@@ -249,8 +283,9 @@ def run_all(model_path: str | None, variants: list[str], new_tokens: int = 64, r
 
 def markdown(report: dict) -> str:
     bw = report["bandwidth_gbs"]
+    refs = sorted({r.get("reference", "") for r in report["results"] if r.get("reference")})
     head = (f"Memory read bandwidth: {bw:.1f} GB/s · torch threads: {report['threads']} · "
-            f"{report['new_tokens']} new tokens\n\n")
+            f"{report['new_tokens']} new tokens · reference: {'; '.join(refs)}\n\n")
     batch_keys = sorted({k for r in report["results"] for k in r.get("batch_tok_s", {})}, key=int)
     cols = ["variant", "backend", "LLM weights MB", "encode ms", "prefill ms", "first token ms",
             "2nd-turn first token ms", "decode tok/s", "reference tok/s", "ours/ref", "bound tok/s",
