@@ -17,7 +17,7 @@ from llava_lite.images import ImageInput, load_image
 from llava_lite.lora import is_peft
 from llava_lite.modeling import LlavaLiteModel
 from llava_lite.processor import LlavaLiteProcessor
-from llava_lite.prompt_cache import PromptCache
+from llava_lite.prompt_cache import PromptCache, common_prefix_len
 from llava_lite.prompting import ConversationError
 
 CAPTION_PROMPT = "Describe the image in one sentence."
@@ -311,7 +311,7 @@ class LlavaLite:
             return []
         prompts = [self.processor.encode_prompt([self.user_message(q)], max_new_tokens=max_new_tokens)
                    for q in questions]
-        shared = _common_prefix_len(prompts)
+        shared = common_prefix_len(*prompts)
         shared = min(shared, min(len(p) for p in prompts) - 1)  # every row keeps >= 1 own token
         embeds = self.encode_images([image])
         head = torch.tensor([prompts[0][:shared]], device=self.device)
@@ -367,12 +367,3 @@ class _StopOnEvent(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
-    first = seqs[0]
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        if any(s[i] != first[i] for s in seqs[1:]):
-            return i
-    return n

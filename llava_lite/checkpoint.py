@@ -8,14 +8,12 @@ them in `llm/`. Nothing is unpickled: weights are safetensors only.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from llava_lite.atomic import atomic_dir
 from llava_lite.config import ConfigError, LlavaLiteConfig
 from llava_lite.llm import llm_hidden_size, load_llm
 from llava_lite.lora import add_lora, is_peft, load_lora
@@ -100,10 +98,8 @@ def save_checkpoint(model: LlavaLiteModel, out_dir: str | Path, save_llm: bool =
     was trained); otherwise the LLM is referenced by `config.llm.model_id`.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     config = model.config
-    try:
+    with atomic_dir(out) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.projector.state_dict().items()}
         save_file(state, str(tmp / PROJECTOR_NAME), metadata={"format": "pt"})
         if is_peft(model.llm):
@@ -116,19 +112,6 @@ def save_checkpoint(model: LlavaLiteModel, out_dir: str | Path, save_llm: bool =
                 tokenizer.save_pretrained(str(tmp / LLM_DIR))
             config.llm_subfolder = LLM_DIR
         config.save(tmp / CONFIG_NAME)
-        _replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move `src` to `dst`; an existing `dst` is only removed after `src` is complete."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        dst.rename(old)
-        src.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        src.rename(dst)

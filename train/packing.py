@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llava_lite.llava_data import EncodedRow
+from llava_lite.prompt_cache import common_prefix_len
 from llava_lite.prompting import IGNORE_INDEX
 
 
@@ -31,15 +32,6 @@ class Pack:
     members: int = 1
 
 
-def _common_prefix(seqs: list[list[int]]) -> int:
-    n = min(len(s) for s in seqs)
-    first = seqs[0]
-    for i in range(n):
-        if any(s[i] != first[i] for s in seqs[1:]):
-            return i
-    return n
-
-
 def single(row: EncodedRow) -> Pack:
     n = len(row.input_ids)
     return Pack(row.input_ids, row.labels, row.row.images, [0] * n, list(range(n)))
@@ -47,7 +39,7 @@ def single(row: EncodedRow) -> Pack:
 
 def _try_pack(rows: list[EncodedRow], image_token_id: int) -> Pack | None:
     ids = [r.input_ids for r in rows]
-    p = _common_prefix(ids)
+    p = common_prefix_len(*ids)
     for r in rows:
         # every image token must sit in the shared prefix, every row keeps a suffix, and a
         # suffix's first token is unsupervised (its predecessor in the pack is another row)

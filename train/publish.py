@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from llava_lite.atomic import atomic_dir
 from llava_lite.checkpoint import ADAPTER_DIR, CONFIG_NAME, PROJECTOR_NAME, is_checkpoint
 
 
@@ -26,9 +26,8 @@ def publish(model_dir: str | Path, out_dir: str | Path) -> Path:
     if (src / "llm").exists():
         raise ValueError(f"{src}: holds full LLM weights; publish only projector + adapter checkpoints")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a published model is read by everyone
-    try:
+    with atomic_dir(out) as tmp:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a published model is read by everyone
         shutil.copyfile(src / CONFIG_NAME, tmp / CONFIG_NAME)
         _half(src / PROJECTOR_NAME, tmp / PROJECTOR_NAME)
         if (src / ADAPTER_DIR).is_dir():
@@ -38,10 +37,4 @@ def publish(model_dir: str | Path, out_dir: str | Path) -> Path:
                     _half(f, tmp / ADAPTER_DIR / f.name)
                 elif f.suffix in (".json", ".md"):
                     shutil.copyfile(f, tmp / ADAPTER_DIR / f.name)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out

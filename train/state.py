@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from llava_lite.atomic import atomic_dir
 from llava_lite.checkpoint import save_checkpoint
 
 STATE_TENSORS = "train_state.safetensors"
@@ -41,10 +41,8 @@ def save_train_state(
     ckpt_root: Path, step: int, model, optimizer, scheduler, extra: dict[str, Any], keep_last: int,
     extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=ckpt_root))
-    try:
+    with atomic_dir(final) as tmp:
         save_checkpoint(model, tmp / MODEL_DIR)
         tensors, optim_meta = _optimizer_tensors(optimizer)
         tensors["rng.torch"] = torch.get_rng_state()
@@ -62,12 +60,6 @@ def save_train_state(
             **extra,
         }
         (tmp / STATE_JSON).write_text(json.dumps(meta))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(ckpt_root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

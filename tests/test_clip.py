@@ -1,0 +1,161 @@
+"""CLIP-style alignment: the contrastive loss by hand, the clamped temperature, the dual
+encoder on tiny parts built in code, prompt ensembling, zero-shot and retrieval, also on a
+tiny transformers CLIPModel."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llava_lite.contrastive import MAX_LOGIT_SCALE, LogitScale, clip_loss
+from llava_lite.zero_shot import class_embeddings, retrieve, zero_shot_classify
+
+
+def _ce_row(logits_row: torch.Tensor, positives: list[int]) -> float:
+    logp = logits_row.log_softmax(-1)
+    return -sum(logp[j].item() for j in positives) / len(positives)
+
+
+def test_multi_positive_loss_by_hand():
+    torch.manual_seed(0)
+    img, txt = torch.randn(4, 3), torch.randn(4, 3)
+    scale = torch.tensor(5.0)
+    labels = torch.tensor([0, 0, 1, 2])  # rows 0 and 1 share a caption: both are positives
+    logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+    pos = [[0, 1], [0, 1], [2], [3]]
+    i2t = sum(_ce_row(logits[i], pos[i]) for i in range(4)) / 4
+    t2i = sum(_ce_row(logits.T[i], pos[i]) for i in range(4)) / 4
+    assert clip_loss(img, txt, scale, labels=labels).item() == pytest.approx((i2t + t2i) / 2, rel=1e-5)
+    # distinct labels give exactly the plain loss
+    assert clip_loss(img, txt, scale, labels=torch.arange(4)).item() == pytest.approx(
+        clip_loss(img, txt, scale).item(), rel=1e-6)
+
+
+def test_hard_negative_mining_keeps_the_k_hardest():
+    torch.manual_seed(1)
+    img, txt = torch.randn(5, 4), torch.randn(5, 4)
+    scale = torch.tensor(3.0)
+    logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+
+    def side(lg):
+        total = 0.0
+        for i in range(5):
+            negs = sorted((j for j in range(5) if j != i), key=lambda j: -lg[i, j].item())[:2]
+            keep = [i, *negs]
+            total += -(lg[i, i] - torch.logsumexp(lg[i, keep], 0)).item()
+        return total / 5
+
+    expected = (side(logits) + side(logits.T)) / 2
+    assert clip_loss(img, txt, scale, hard_negatives=2).item() == pytest.approx(expected, rel=1e-5)
+    # keeping every negative is the plain loss
+    assert clip_loss(img, txt, scale, hard_negatives=4).item() == pytest.approx(clip_loss(img, txt, scale).item(),
+                                                                                rel=1e-6)
+
+
+def test_temperature_is_clamped_at_100():
+    scale = LogitScale(init=math.log(1000.0))
+    assert scale().item() == pytest.approx(100.0)
+    assert MAX_LOGIT_SCALE == pytest.approx(math.log(100.0))
+
+
+@pytest.fixture(scope="module")
+def tiny_text_dir(tmp_path_factory):
+    """A tiny random BERT with MiniLM's real tokenizer, as a transformers folder."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from llava_lite.packaged import minilm_folder
+
+    tok = AutoTokenizer.from_pretrained(minilm_folder())
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64))
+    out = tmp_path_factory.mktemp("tiny-bert")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def tiny_dual(tiny_clip_dir, tiny_text_dir):
+    from llava_lite.config import VisionConfig
+    from llava_lite.dual_encoder import DualEncoder, DualEncoderConfig, TextEncoderConfig
+
+    torch.manual_seed(0)
+    return DualEncoder(DualEncoderConfig(vision=VisionConfig(name="clip", model_id=str(tiny_clip_dir)),
+                                         text=TextEncoderConfig(name="minilm", model_id=str(tiny_text_dir)),
+                                         embed_dim=16))
+
+
+def test_prompt_ensembling_averages_normalised_text_embeddings(tiny_dual):
+    templates = ["a photo of a {}.", "a {} here", "{}!"]
+    got = class_embeddings(tiny_dual, ["cat", "dog"], templates)
+    for row, name in enumerate(["cat", "dog"]):
+        each = F.normalize(tiny_dual.encode_texts([t.format(name) for t in templates]), dim=-1)
+        assert torch.allclose(got[row], F.normalize(each.mean(0), dim=-1), atol=1e-6)
+    with pytest.raises(ValueError, match="needs a"):
+        class_embeddings(tiny_dual, ["cat"], ["no slot"])
+
+
+def test_lit_training_step_moves_text_side_only_and_round_trips(tiny_dual, images, tmp_path):
+    from llava_lite.dual_encoder import DualEncoder
+
+    pixels = tiny_dual.tower.preprocess(images[:4])
+    pooled = tiny_dual.image_features(pixels)
+    tower_before = [p.clone() for p in tiny_dual.tower.parameters()]
+    text_before = next(tiny_dual.text_model.parameters()).clone()
+    opt = torch.optim.SGD([p for p in tiny_dual.parameters() if p.requires_grad], lr=0.5)
+    captions = ["a red one", "a blue one", "a green one", "a dark one"]
+    loss0 = tiny_dual.loss(pooled, captions)
+    for _ in range(5):
+        opt.zero_grad()
+        tiny_dual.loss(pooled, captions).backward()
+        opt.step()
+    assert tiny_dual.loss(pooled, captions).item() < loss0.item()
+    assert all(torch.equal(a, b) for a, b in zip(tower_before, tiny_dual.tower.parameters(), strict=True))
+    assert not torch.equal(text_before, next(tiny_dual.text_model.parameters()))
+    tiny_dual.save_pretrained(tmp_path / "de")
+    again = DualEncoder.from_pretrained(tmp_path / "de")
+    assert torch.allclose(again.encode_images(images[:2]), tiny_dual.encode_images(images[:2]), atol=1e-6)
+    assert torch.allclose(again.encode_texts(captions), tiny_dual.encode_texts(captions), atol=1e-6)
+
+
+def test_zero_shot_and_retrieval_on_a_tiny_transformers_clip(tmp_path, images):
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from llava_lite.dual_encoder import HFCLIP, load_dual_encoder
+    from llava_lite.packaged import minilm_folder
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config={"vocab_size": 30522, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "max_position_embeddings": 64, "eos_token_id": 102,
+                     "bos_token_id": 101, "pad_token_id": 0},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        projection_dim=16)
+    model = CLIPModel(cfg)
+    model.save_pretrained(tmp_path / "clip")
+
+    AutoTokenizer.from_pretrained(minilm_folder()).save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "clip")
+    clip = load_dual_encoder(tmp_path / "clip")
+    assert isinstance(clip, HFCLIP)
+    names = ["cat", "dog", "car"]
+    result = zero_shot_classify(clip, images[:3], names, templates=["a photo of a {}."])
+    assert result.probs.shape == (3, 3)
+    assert torch.allclose(result.probs.sum(-1), torch.ones(3), atol=1e-5)
+    # the same numbers by hand from transformers' own outputs
+    inputs = clip.tokenizer(["a photo of a cat.", "a photo of a dog.", "a photo of a car."], padding=True,
+                            return_tensors="pt")
+    pix = clip.image_processor(images=images[:3], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=pix)
+    assert torch.allclose(result.probs, out.logits_per_image.softmax(-1), atol=1e-4)
+    hits = retrieve(clip, ["a photo of a cat."], images[:3], k=2)
+    assert len(hits[0]) == 2 and hits[0][0][1] >= hits[0][1][1]
+    back = retrieve(clip, images[:1], names, k=3)
+    assert sorted(i for i, _ in back[0]) == [0, 1, 2]
