@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from importlib.metadata import entry_points
+from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -84,6 +85,45 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _dual_encoder(args):
+    from llava_lite.dual_encoder import load_dual_encoder
+
+    return load_dual_encoder(args.model)
+
+
+def cmd_zeroshot(args) -> int:
+    from llava_lite.zero_shot import DEFAULT_TEMPLATES, zero_shot_classify
+
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    if len(classes) < 2:
+        raise ValueError("--classes needs at least two comma-separated class names")
+    result = zero_shot_classify(_dual_encoder(args), args.images, classes, args.template or DEFAULT_TEMPLATES)
+    for path, label, probs in zip(args.images, result.labels, result.probs.tolist(), strict=True):
+        top = sorted(zip(classes, probs, strict=True), key=lambda x: -x[1])[:3]
+        if args.json:
+            print(json.dumps({"image": path, "label": label, "probs": dict(zip(classes, probs, strict=True))}))
+        else:
+            print(f"{path}\t{label}\t" + ", ".join(f"{c} {p:.1%}" for c, p in top))
+    return 0
+
+
+def cmd_retrieve(args) -> int:
+    from llava_lite.zero_shot import retrieve
+
+    gallery = args.gallery
+    if len(gallery) == 1 and os.path.isdir(gallery[0]):
+        exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+        gallery = sorted(str(p) for p in Path(gallery[0]).iterdir() if p.suffix.lower() in exts)
+    if not gallery:
+        raise ValueError("the gallery is empty")
+    hits = retrieve(_dual_encoder(args), args.query, gallery, k=args.k)
+    for query, row in zip(args.query, hits, strict=True):
+        print(f"query: {query}")
+        for rank, (i, score) in enumerate(row, 1):
+            print(f"  {rank}. {score:.3f}  {gallery[i]}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from llava_lite.benchmark import cmd_bench as run
 
@@ -132,6 +172,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write bench.json/md/png here")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("zeroshot", help="classify images among class names with a dual encoder (CLIP-style)",
+                       description="Zero-shot classification with prompt ensembling.")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--model", required=True, help="a dual encoder folder (llava-lite train --recipe clip-demo) "
+                   "or a transformers CLIPModel folder")
+    p.add_argument("--classes", required=True, help="comma-separated class names, e.g. 'cat,dog,car'")
+    p.add_argument("--template", action="append", default=None,
+                   help="prompt template with {} (repeatable; default: an ensemble of 6)")
+    p.add_argument("--json", action="store_true", help="one JSON line per image")
+    p.set_defaults(func=cmd_zeroshot)
+
+    p = sub.add_parser("retrieve", help="text-to-image or image-to-text retrieval with a dual encoder",
+                       description="Text queries search an image gallery; image queries search a text gallery.")
+    p.add_argument("--model", required=True, help="a dual encoder folder or a transformers CLIPModel folder")
+    p.add_argument("--query", action="append", required=True, help="a text, or an image file (repeatable)")
+    p.add_argument("--gallery", nargs="+", required=True,
+                   help="image files or one folder of images (for text queries), or texts (for image queries)")
+    p.add_argument("-k", type=int, default=5, help="results per query (default: 5)")
+    p.set_defaults(func=cmd_retrieve)
 
     for ep in entry_points(group="llava_lite.commands"):
         register = ep.load()

@@ -159,3 +159,56 @@ def test_zero_shot_and_retrieval_on_a_tiny_transformers_clip(tmp_path, images):
     assert len(hits[0]) == 2 and hits[0][0][1] >= hits[0][1][1]
     back = retrieve(clip, images[:1], names, k=3)
     assert sorted(i for i, _ in back[0]) == [0, 1, 2]
+
+
+def test_clip_recipe_trains_saves_and_serves_the_cli(tiny_clip_dir, tiny_text_dir, tmp_path, capsys):
+    """The clip runner end to end on tiny parts and generated scene captions (no Fashion-MNIST,
+    which needs a Debian download), then `llava-lite zeroshot` and `retrieve` on its output."""
+    import json
+
+    from llava_lite.cli import main
+    from llava_lite.config import VisionConfig
+    from llava_lite.dual_encoder import DualEncoderConfig, TextEncoderConfig
+    from train.clip_recipe import ClipRecipe
+    from train.clip_train import run_clip_recipe
+    from train.recipe import apply_overrides
+
+    recipe = ClipRecipe(
+        name="clip-tiny",
+        model=DualEncoderConfig(vision=VisionConfig(name="clip", model_id=str(tiny_clip_dir)),
+                                text=TextEncoderConfig(name="minilm", model_id=str(tiny_text_dir)), embed_dim=16),
+        caption_sets=[{"name": "scenes-captions", "args": {"n": 12}}],
+        steps=6, batch_size=6, eval_zero_shot=False, retrieval_set=None,
+    ).validate()
+    recipe = apply_overrides(recipe, ["steps=8", "hard_negatives=3"])
+    assert recipe.steps == 8 and recipe.hard_negatives == 3
+    summary = run_clip_recipe(recipe, tmp_path / "run", progress=False)
+    assert summary["steps"] == 8 and summary["data"] == {"scenes-captions": 12}
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert (tmp_path / "run" / "loss.png").is_file() and (tmp_path / "run" / "recipe.json").is_file()
+    from llava_lite.packaged import cache_dir
+
+    imgs = [str(p) for p in sorted((cache_dir() / "data" / "scenes" / "train-0").glob("*.png"))[:3]]
+    assert len(imgs) == 3
+    capsys.readouterr()
+    assert main(["zeroshot", *imgs, "--model", str(tmp_path / "run" / "model"), "--classes", "circle,square,triangle",
+                 "--json"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3 and all(abs(sum(x["probs"].values()) - 1) < 1e-4 for x in lines)
+    assert main(["retrieve", "--model", str(tmp_path / "run" / "model"), "--query", "a red circle",
+                 "--gallery", *imgs, "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("  1. ") == 1 and out.count("  2. ") == 1
+
+
+def test_clip_recipe_rejects_bad_settings():
+    from llava_lite.config import ConfigError
+    from train.clip_recipe import ClipRecipe
+
+    with pytest.raises(ConfigError, match="not Fashion-MNIST classes"):
+        ClipRecipe(fashion_per_class=10, held_out_classes=["spaceship"]).validate()
+    with pytest.raises(ConfigError, match="no training data"):
+        ClipRecipe().validate()
+    with pytest.raises(ConfigError, match="unknown key"):
+        ClipRecipe.from_dict({"stepz": 3})

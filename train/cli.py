@@ -24,6 +24,14 @@ def cmd_train(args) -> int:
     recipe = get_recipe(args.recipe)
     if args.overrides:
         recipe = apply_overrides(recipe, args.overrides)
+    if getattr(recipe, "kind", "llava") == "clip":
+        from train.clip_train import run_clip_recipe
+
+        output = Path(args.output or f"runs/{recipe.name}")
+        summary = run_clip_recipe(recipe, output, recipe_source(args.recipe), progress=not args.no_progress)
+        print(json.dumps(summary, indent=2))
+        print(f"done: dual encoder in {output / 'model'}, evaluation in {output / 'eval'}")
+        return 0
     if args.skip_bad:
         recipe.skip_bad = True
     stages = list(STAGES) if args.stage == "all" else [args.stage]

@@ -149,7 +149,7 @@ def _parse_value(text: str) -> Any:
         return text  # a bare string such as a path or model id
 
 
-def apply_overrides(recipe: TrainRecipe, overrides: list[str]) -> TrainRecipe:
+def apply_overrides(recipe, overrides: list[str]):
     """Apply `a.b.c=value` overrides (values parsed as JSON, else taken as strings)."""
     data = recipe.to_dict()
     for item in overrides:
@@ -162,7 +162,7 @@ def apply_overrides(recipe: TrainRecipe, overrides: list[str]) -> TrainRecipe:
             node = _child(node, part, key)
         _child(node, parts[-1], key)  # the field must exist
         node[int(parts[-1]) if isinstance(node, list) else parts[-1]] = _parse_value(raw)
-    return TrainRecipe.from_dict(data, source="overrides")
+    return type(recipe).from_dict(data, source="overrides")
 
 
 def _child(node: Any, part: str, key: str) -> Any:

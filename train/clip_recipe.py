@@ -1,0 +1,71 @@
+"""The dual-encoder (CLIP-style) recipe: a dataclass saved with every run, overridable as
+key=value like the LLaVA recipes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from llava_lite.config import ConfigError
+from llava_lite.dual_encoder import DualEncoderConfig
+
+
+@dataclass
+class ClipRecipe:
+    """Training data are captioned images: `caption_sets` are named LLaVA caption builders
+    (their assistant turn is the caption); Fashion-MNIST adds class-label captions for every
+    class except `held_out_classes`, which only the zero-shot test sees."""
+
+    name: str = "clip-demo"
+    kind: str = "clip"
+    model: DualEncoderConfig = field(default_factory=DualEncoderConfig)
+    caption_sets: list[dict[str, Any]] = field(default_factory=list)  # {"name": ..., "args": {...}}
+    fashion_per_class: int = 0
+    held_out_classes: list[str] = field(default_factory=list)
+    caption_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    steps: int = 300
+    batch_size: int = 128
+    lr: float = 1e-3  # heads and temperature
+    text_lr: float = 3e-5  # the text encoder (when unlocked)
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    hard_negatives: int | None = None
+    seed: int = 0
+    feature_batch_size: int = 64
+    # evaluation at the end
+    eval_zero_shot: bool = True
+    probe_shots: list[int] = field(default_factory=lambda: [16, 0])  # 0 = every training image
+    retrieval_set: str | None = "easyvqa-test"
+
+    def validate(self) -> ClipRecipe:
+        self.model.validate()
+        from data.fashion_mnist import CLASSES
+
+        unknown = [c for c in self.held_out_classes if c not in CLASSES]
+        if unknown:
+            raise ConfigError(f"held_out_classes {unknown} are not Fashion-MNIST classes {list(CLASSES)}")
+        if self.steps < 1 or self.batch_size < 2:
+            raise ConfigError("steps must be >= 1 and batch_size >= 2 (contrastive needs negatives)")
+        if not self.caption_sets and not self.fashion_per_class:
+            raise ConfigError("no training data: give caption_sets or fashion_per_class")
+        if any("{}" not in t for t in self.caption_templates):
+            raise ConfigError("every caption template needs '{}' for the class name")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<recipe>") -> ClipRecipe:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)} for ClipRecipe; known: {sorted(known)}")
+        data = dict(data)
+        if "model" in data:
+            data["model"] = DualEncoderConfig.from_dict(data["model"])
+        return cls(**data).validate()
