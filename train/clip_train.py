@@ -158,6 +158,7 @@ def train(model: DualEncoder, recipe: ClipRecipe, pairs: PairSet, out: Path, pro
                    "logit_scale": model.logit_scale().item(),
                    "samples_per_s": step * recipe.batch_size / (time.perf_counter() - start)}
             log.write(json.dumps(row) + "\n")
+            log.flush()  # a crash keeps every logged step
             bar.set_postfix(loss=f"{row['loss']:.3f}", scale=f"{row['logit_scale']:.1f}")
             bar.update()
     model.eval()
