@@ -63,8 +63,6 @@ class ChatEngine:
         self._slots = threading.BoundedSemaphore(self.limits.concurrency)
         self._waiting = 0
         self._lock = threading.Lock()
-        self.served = 0
-        self.failed = 0
 
     @property
     def model_name(self) -> str:
@@ -134,13 +132,9 @@ class ChatEngine:
                 if stats.first_token_s is None:
                     stats.first_token_s = time.perf_counter() - start
                 yield chunk
-            with self._lock:
-                self.served += 1
         except UserFacingError:
             raise
         except Exception as err:
-            with self._lock:
-                self.failed += 1
             log.exception("generation failed")
             raise UserFacingError("Sorry, something went wrong while generating; the error was "
                                   "logged on the server.") from err

@@ -125,12 +125,13 @@ def build_router(engine: ChatEngine, policy: ImagePolicy) -> APIRouter:
             return error(400, "the request body must be a JSON object")
         try:
             messages, images = parse_messages(body.get("messages"), engine.lite.config.image_token, policy)
-            max_new = body.get("max_completion_tokens", body.get("max_tokens")) or 256
+            length_key = "max_completion_tokens" if body.get("max_completion_tokens") else "max_tokens"
             chat = ChatRequest(
                 messages, images,
                 temperature=_number(body, "temperature", 0.0, 0.0, 2.0),
                 top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
-                max_new_tokens=int(_number({"n": max_new}, "n", 256, 1, 1_000_000)),
+                max_new_tokens=int(_number({length_key: body.get(length_key) or 256}, length_key, 256, 1,
+                                           1_000_000)),
             )
             if body.get("n", 1) != 1:
                 raise UserFacingError("only n=1 is supported")

@@ -35,7 +35,7 @@ ImageSource = Callable[[int], Image.Image]
 
 
 # -- pooled tower features, cached -------------------------------------------------------------
-def pooled_features(model: DualEncoder, name: str, ids: Sequence[str], load: Callable[[int], Image.Image],
+def pooled_features(model: DualEncoder, name: str, ids: Sequence[str], load: ImageSource,
                     batch_size: int = 64, progress: bool = True) -> torch.Tensor:
     """(N, H) mean-pooled tower features for N images, cached by tower and image ids."""
     from safetensors.torch import load_file, save_file
