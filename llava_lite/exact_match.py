@@ -40,10 +40,11 @@ def score_exact_match(predictions: Sequence[str], items: Sequence[dict[str, Any]
     }
 
 
-def evaluate_exact_match(
-    lite, items: Sequence[dict[str, Any]], max_new_tokens: int = 6, progress: bool = True, batch_size: int = 16
-) -> dict[str, Any]:
-    """Greedy answers from a `LlavaLite` for each item, scored by exact match.
+def answer_items(
+    lite, items: Sequence[dict[str, Any]], max_new_tokens: int = 6, progress: bool = True, batch_size: int = 16,
+    desc: str = "evaluating",
+) -> list[str]:
+    """Greedy answers to `items` ({"image", "question"}), in order.
 
     Questions about the same image are answered together with `LlavaLite.ask_many`, which
     runs their shared prompt prefix (system prompt and image block) once; images asked once
@@ -53,7 +54,7 @@ def evaluate_exact_match(
     for i, item in enumerate(items):
         by_image[str(item["image"])].append(i)
     preds: list[str] = [""] * len(items)
-    bar = tqdm(total=len(items), desc="evaluating", unit="q", disable=not progress, leave=False)
+    bar = tqdm(total=len(items), desc=desc, unit="q", disable=not progress, leave=False)
     singles = [idx[0] for idx in by_image.values() if len(idx) == 1]
     for image, idx in by_image.items():
         if len(idx) == 1:
@@ -71,6 +72,14 @@ def evaluate_exact_match(
             preds[i] = answer
         bar.update(len(idx))
     bar.close()
+    return preds
+
+
+def evaluate_exact_match(
+    lite, items: Sequence[dict[str, Any]], max_new_tokens: int = 6, progress: bool = True, batch_size: int = 16
+) -> dict[str, Any]:
+    """Greedy answers from a `LlavaLite` for each item (see `answer_items`), scored by exact match."""
+    preds = answer_items(lite, items, max_new_tokens, progress, batch_size)
     result = score_exact_match(preds, items)
     result["predictions"] = [
         {"image": str(it["image"]), "question": it["question"], "answer": it["answer"], "prediction": p,

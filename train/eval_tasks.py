@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from llava_lite.api import LlavaLite
 from llava_lite.caption_metrics import bleu, cider_d, tokenize
+from llava_lite.exact_match import answer_items
 from llava_lite.pope import STRATEGIES, build_probes, pope_metrics
 from llava_lite.retrieval import retrieval_metrics
 from llava_lite.vqa_metrics import vqa_accuracy
@@ -94,28 +95,13 @@ def load_vqa_items(path: str | Path, image_root: str | Path | None = None) -> li
     return items
 
 
-def _answer_grouped(lite: LlavaLite, items: Sequence[dict[str, Any]], max_new_tokens: int, desc: str) -> list[str]:
-    """Greedy answers, questions about one image answered together (shared prefix)."""
-    by_image: dict[str, list[int]] = defaultdict(list)
-    for i, item in enumerate(items):
-        by_image[item["image"]].append(i)
-    preds = [""] * len(items)
-    with tqdm(total=len(items), desc=desc, unit="q") as bar:
-        for image, idx in by_image.items():
-            for i, ans in zip(idx, lite.ask_many(image, [items[i]["question"] for i in idx],
-                                                 max_new_tokens=max_new_tokens), strict=True):
-                preds[i] = ans
-            bar.update(len(idx))
-    return preds
-
-
 def task_vqa(lite: LlavaLite, args) -> tuple[dict, dict]:
     if not args.questions:
         raise ValueError("--task vqa needs --questions FILE (JSON/JSONL with image, question, answers)")
     items = load_vqa_items(args.questions, args.image_root)
     if args.limit:
         items = random.Random(0).sample(items, min(args.limit, len(items)))
-    preds = _answer_grouped(lite, items, args.max_new_tokens, "vqa")
+    preds = answer_items(lite, items, args.max_new_tokens, desc="vqa")
     scores = [vqa_accuracy(p, it["answers"]) for p, it in zip(preds, items, strict=True)]
     by_type: dict[str, list[float]] = defaultdict(list)
     for s, it in zip(scores, items, strict=True):
@@ -199,7 +185,7 @@ def task_pope(lite: LlavaLite, args) -> tuple[dict, dict]:
         for strategy in STRATEGIES:
             probes = build_probes(objects, strategy, per_image=3, seed=0,
                                   template=SHORT_ANSWER + "\nIs there a {} in the image?")
-            preds = _answer_grouped(lite, probes, 4, f"pope {source}/{strategy}")
+            preds = answer_items(lite, probes, 4, desc=f"pope {source}/{strategy}")
             m = pope_metrics(preds, [p["answer"] for p in probes])
             table[f"{source} {strategy}"] = {k: m[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
             result[f"{source}/{strategy}"] = m

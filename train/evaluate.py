@@ -8,6 +8,7 @@ from typing import Any
 
 from llava_lite.api import LlavaLite
 from llava_lite.exact_match import evaluate_exact_match
+from llava_lite.llava_data import write_rows
 from llava_lite.packaged import cache_dir
 from llava_lite.quantize import BACKENDS
 from train.recipe import EvalSpec
@@ -25,9 +26,7 @@ def run_stage_eval(model, processor, specs: list[EvalSpec], out_dir: Path, progr
         items = build_eval_set(spec.name, cache_dir() / "data", **spec.args)
         result = evaluate_exact_match(lite, items, progress=progress, batch_size=spec.batch_size)
         preds = result.pop("predictions")
-        with open(out_dir / f"eval-{spec.name}.jsonl", "w") as fh:
-            for p in preds:
-                fh.write(json.dumps(p) + "\n")
+        write_rows(preds, out_dir / f"eval-{spec.name}.jsonl")
         summary[spec.name] = result
         by_type = ", ".join(f"{k} {v['accuracy']:.1%}" for k, v in result["by_type"].items())
         print(f"[eval] {spec.name}: {result['accuracy']:.2%} of {result['n']} ({by_type})", flush=True)
@@ -92,9 +91,7 @@ def cmd_eval(args) -> int:
         write_table_report(out, f"{args.task}: {result['model']}", table, result,
                            percent=args.task not in ("caption",))
         if preds is not None:
-            with open(out / "predictions.jsonl", "w") as fh:
-                for p in preds:
-                    fh.write(json.dumps(p) + "\n")
+            write_rows(preds, out / "predictions.jsonl")
         print((out / "result.md").read_text())
         print(f"{args.task}: {seconds:.0f}s -> {out}")
         return 0
@@ -110,9 +107,7 @@ def cmd_eval(args) -> int:
     result.update(task=args.task, model=lite.source, quantization=lite.quantization, seconds=round(seconds, 1),
                   questions_per_s=round(len(items) / seconds, 2))
     write_reports(result, out, f"{args.task}: {lite.source}")
-    with open(out / "predictions.jsonl", "w") as fh:
-        for p in preds:
-            fh.write(json.dumps(p) + "\n")
+    write_rows(preds, out / "predictions.jsonl")
     by_type = ", ".join(f"{k} {v['accuracy']:.2%} (n={v['n']})" for k, v in result["by_type"].items())
     print(f"{args.task}: {result['accuracy']:.2%} exact match on {result['n']} questions ({by_type}); "
           f"{seconds:.0f}s, {result['questions_per_s']} q/s -> {out}")
