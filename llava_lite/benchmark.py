@@ -130,16 +130,10 @@ def _images(n: int) -> list:
     return out
 
 
-def _exportable(lite) -> bool:
-    from llava_lite.projectors import MLP2xGeluProjector
-    from llava_lite.vision.clip import CLIPTower
-
-    return isinstance(lite.model.vision_tower, CLIPTower) and isinstance(lite.model.projector, MLP2xGeluProjector)
-
-
 def run_variant(model_path: str | None, variant: str, new_tokens: int, repeats: int,
                 batch_sizes: list[int], device: str | None) -> BenchResult:
     from llava_lite.api import LlavaLite
+    from llava_lite.hf_interop import export_hf, is_exportable
 
     dtype, quantize = VARIANTS[variant]
     t = time.perf_counter()
@@ -147,9 +141,7 @@ def run_variant(model_path: str | None, variant: str, new_tokens: int, repeats: 
     if lite.config.lora.enabled:
         lite.merge_lora()  # what serving does too: merged weights, no adapter overhead per token
     hf_dir = None
-    if quantize is None and _exportable(lite):
-        from llava_lite.hf_interop import export_hf
-
+    if quantize is None and is_exportable(lite.model):
         hf_dir = Path(tempfile.mkdtemp(prefix="llava-lite-bench-"))
         export_hf(lite.model, lite.processor, hf_dir)
     if quantize:

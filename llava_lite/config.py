@@ -151,14 +151,18 @@ class LlavaLiteConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> LlavaLiteConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from err
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json_config(path), source=str(path))
+
+
+def read_json_config(path: str | Path) -> Any:
+    """A JSON config file's contents; ConfigError naming the file if missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from err
 
 
 def _build_section(section_cls: type, value: Any, where: str) -> Any:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llava_lite.config import ConfigError, VisionConfig
+from llava_lite.config import ConfigError, VisionConfig, read_json_config
 from llava_lite.contrastive import LogitScale, clip_loss
 from llava_lite.images import ImageInput, load_image
 from llava_lite.registry import VISION_TOWERS, Registry
@@ -189,11 +189,7 @@ class DualEncoder(nn.Module):
         cfg_file = path / CONFIG_NAME
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{path}: not a dual encoder folder (no {CONFIG_NAME})")
-        try:
-            data = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{cfg_file}: not valid JSON ({err})") from err
-        model = cls(DualEncoderConfig.from_dict(data))
+        model = cls(DualEncoderConfig.from_dict(read_json_config(cfg_file)))
         missing = set(model.trainable_state()) - set(state := load_file(str(path / "dual_encoder.safetensors")))
         if missing:
             raise ConfigError(f"{path}: weights missing for {sorted(missing)[:5]}")

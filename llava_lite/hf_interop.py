@@ -106,6 +106,11 @@ def load_llava_hf_parts(config: LlavaLiteConfig, dtype: torch.dtype = torch.floa
     return tower, projector, llm, load_tokenizer(path)
 
 
+def is_exportable(model) -> bool:
+    """Whether `export_hf` can write this model: a `clip` tower and an `mlp2x_gelu` projector."""
+    return isinstance(model.vision_tower, CLIPTower) and isinstance(model.projector, MLP2xGeluProjector)
+
+
 def export_hf(model, processor, out_dir: str | Path) -> Path:
     """Write `model` as a transformers `LlavaForConditionalGeneration` folder.
 
@@ -116,7 +121,7 @@ def export_hf(model, processor, out_dir: str | Path) -> Path:
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     config = model.config
-    if not isinstance(model.vision_tower, CLIPTower) or not isinstance(model.projector, MLP2xGeluProjector):
+    if not is_exportable(model):
         raise ValueError(
             f"export-hf needs a 'clip' tower and an 'mlp2x_gelu' projector; this model has "
             f"{config.vision.name!r} and {config.projector.name!r}"
