@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from data import easyvqa, scenes
+from data import easyvqa, general_replay, scenes
 from llava_lite.llava_data import write_rows
 
 # Bumped whenever a builder's output changes, so files built by older code are not reused.
@@ -34,13 +34,20 @@ TRAIN_SETS: dict[str, TrainBuilder] = {
     "easyvqa-vqa": lambda root, seed=0: easyvqa.build_vqa("train", seed=seed),
     "easyvqa-presence": lambda root, seed=0, per_image=4: easyvqa.build_presence("train", seed=seed,
                                                                                   per_image=per_image),
+    "easyvqa-colors": lambda root, seed=0, per_image=2: easyvqa.build_colors("train", seed=seed, per_image=per_image),
     "easyvqa-conversations": lambda root, seed=0, **kw: easyvqa.build_conversations("train", seed=seed, **kw),
     "scenes-captions": lambda root, n=1000, seed=0: scenes.to_captions(
         _scenes(root, "train", n, seed), easyvqa.CAPTION_PROMPTS),
     "scenes-vqa": lambda root, n=1000, seed=0: scenes.to_vqa(_scenes(root, "train", n, seed), easyvqa.SHORT_ANSWER),
     "scenes-dialogues": lambda root, n=1000, seed=0, **kw: scenes.to_dialogues(
         _scenes(root, "train", n, seed), easyvqa.CAPTION_PROMPTS, **kw),
+    "general-replay": lambda root, repeat=1: [
+        {**row, "id": f"{row['id']}-r{k}"} for k in range(repeat) for row in general_replay.load_replay()],
 }
+
+# Sets copied from a committed file rather than generated: cheap, and rebuilt on every use so
+# an edited file is never shadowed by an older cached copy.
+ALWAYS_REBUILT = {"general-replay"}
 
 EVAL_SETS: dict[str, EvalBuilder] = {
     "easyvqa-test": lambda root, limit=None, seed=0: easyvqa.eval_items("test", limit=limit, seed=seed),
@@ -56,7 +63,7 @@ def build_train_set(name: str, root: str | Path, **kwargs: Any) -> Path:
     root = Path(root)
     suffix = "-".join(f"{k}{v}" for k, v in sorted(kwargs.items()))
     path = root / "sets" / f"{name}-v{BUILD_VERSION}{'-' + suffix if suffix else ''}.json"
-    if not path.is_file():
+    if not path.is_file() or name in ALWAYS_REBUILT:
         write_rows(TRAIN_SETS[name](root, **kwargs), path)
     return path
 

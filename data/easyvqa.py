@@ -147,6 +147,29 @@ def build_presence(split: str = "train", seed: int = 0, per_image: int = 4) -> l
     return rows
 
 
+COLOR_FORMS = ["what color is the shape?", "what color is the {}?", "what is the color of the {}?",
+               "what is the color of the shape?"]
+
+
+def build_colors(split: str = "train", seed: int = 0, per_image: int = 2) -> list[dict[str, Any]]:
+    """Colour-naming questions for every image whose colour the annotations give, in easy-VQA's
+    four phrasings. Only 13% of easy-VQA's questions name a colour, and the colour-driven yes/no
+    questions need the same skill; brown (vs red), yellow (vs green) and black (vs blue) were
+    the demo model's main errors while a linear probe on the tower separates them."""
+    _, paths = _load(split)
+    rng = random.Random(seed + 11)
+    rows = []
+    for image_id, f in sorted(image_facts(split).items()):
+        if "color" not in f:
+            continue
+        for k, form in enumerate(rng.sample(COLOR_FORMS, min(per_image, len(COLOR_FORMS)))):
+            q = form.format(f.get("shape", "shape"))
+            rows.append({"id": f"easyvqa-{split}-color-{image_id}-{k}", "image": paths[image_id], "conversations": [
+                {"from": "human", "value": f"<image>\n{SHORT_ANSWER}\n{_question(q)}"},
+                {"from": "gpt", "value": f["color"]}]})
+    return rows
+
+
 def build_conversations(split: str = "train", seed: int = 0, max_turns: int = 4) -> list[dict[str, Any]]:
     """Instruction-style dialogues: questions answered in sentences, then a description.
     Questions come first so they are answered from the image, not from an earlier caption."""

@@ -41,5 +41,19 @@ class MLP2xGeluProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
+@PROJECTORS.register("ln_mlp2x_gelu")
+class LNMLP2xGeluProjector(MLP2xGeluProjector):
+    """`mlp2x_gelu` after a LayerNorm of the vision features (the connector shape of Qwen2-VL's
+    patch merger). CNN features are non-negative with a large shared offset; normalising them
+    per token made colour several times quicker to learn for a probe on EfficientNet-Lite0."""
+
+    def __init__(self, vision_dim: int, text_dim: int) -> None:
+        super().__init__(vision_dim, text_dim)
+        self.norm = nn.LayerNorm(vision_dim)
+
+    def forward(self, x):
+        return super().forward(self.norm(x))
+
+
 def build_projector(name: str, vision_dim: int, text_dim: int) -> nn.Module:
     return PROJECTORS.get(name)(vision_dim, text_dim)

@@ -45,6 +45,23 @@ def test_easyvqa_captions_agree_with_the_answers():
     assert facts[image_id]["color"] in row["conversations"][1]["value"]
 
 
+def test_easyvqa_colour_and_presence_rows_come_from_training_annotations():
+    facts = easyvqa.image_facts("train")
+    test_images = {t["image"] for t in easyvqa.eval_items("test")}
+    colours = easyvqa.build_colors("train", per_image=2)
+    assert len(colours) == 2 * sum(1 for f in facts.values() if "color" in f)
+    for row in colours:
+        assert row["image"] not in test_images
+        image_id = int(Path(row["image"]).stem)
+        question, answer = (t["value"] for t in row["conversations"])
+        assert answer == facts[image_id]["color"] and question.rstrip("?").lower().split()[-1] in (
+            "shape", facts[image_id].get("shape"))
+    for row in easyvqa.build_presence("train"):
+        question, answer = (t["value"] for t in row["conversations"])
+        negated = " not " in question or " no " in question
+        assert answer == ("no" if negated else "yes") and row["image"] not in test_images
+
+
 # -- procedural scenes ------------------------------------------------------------------
 def test_scenes_are_deterministic_and_answers_match_objects(tmp_path):
     a = scenes.generate("train", 20, tmp_path / "a", seed=3)
@@ -74,6 +91,26 @@ def test_scene_image_shows_the_objects_colours(tmp_path):
 
 
 # -- converters ---------------------------------------------------------------------------
+def test_general_replay_is_text_only_disjoint_from_the_held_out_chat_questions(tmp_path):
+    from data.builders import build_train_set
+    from data.general_replay import PROMPTS, load_replay, whole_sentences
+
+    held_out = {q["question"] for q in json.loads((Path(__file__).parent.parent / "data" / "general_chat" /
+                                                   "questions.json").read_text())}
+    prompts = json.loads(PROMPTS.read_text())
+    assert len(prompts) == len(set(prompts)) >= 50 and not held_out & set(prompts)
+    replay = load_replay()
+    assert len(replay) >= 50 and {r["conversations"][0]["value"] for r in replay} <= set(prompts)
+    rows, bad = load_rows(build_train_set("general-replay", tmp_path, repeat=2), None, "<image>", check_images=False)
+    assert not bad and len(rows) == 2 * len(replay) and len({r.id for r in rows}) == len(rows)
+    assert all(not r.images and "<image>" not in r.conversations[0]["content"] for r in rows)
+    assert whole_sentences("It is Paris. It has many") == "It is Paris."
+    from train.general_chat import hit
+
+    assert hit("A spider has 8 legs.", ["8", "eight"]) and not hit("A spider has 80 legs.", ["8", "eight"])
+    assert whole_sentences("Paris") == "Paris" and whole_sentences("Yes! Fine.") == "Yes! Fine."
+
+
 def test_convert_lcs558k(tmp_path):
     src = FIXTURES / "blip_laion_cc_sbu_558k_sample.json"
     report = convert("llava-pretrain", src, tmp_path / "out.jsonl")

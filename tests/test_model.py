@@ -133,13 +133,25 @@ def test_training_forward_loss_uses_only_labelled_positions(tiny_lite, images):
     assert lite.model.projector.linear_1.weight.grad is not None
 
 
-@pytest.mark.parametrize("projector", ["linear", "linear_ln", "mlp2x_gelu"])
+@pytest.mark.parametrize("projector", ["linear", "linear_ln", "mlp2x_gelu", "ln_mlp2x_gelu"])
 @pytest.mark.parametrize("strategy,extra", [("patch", 0), ("cls_patch", 1)])
 def test_projectors_and_feature_strategies(tiny_config, images, projector, strategy, extra):
     model, processor = build_model(tiny_config(projector=projector, strategy=strategy))
     assert processor.num_image_tokens == 16 + extra  # (32/8)^2 patches (+ CLS)
     feats = model.encode_images(processor.pixel_values(images[:1]))
     assert feats.shape == (1, 16 + extra, 64)
+
+
+def test_ln_projector_ignores_the_scale_and_offset_of_each_token():
+    from llava_lite.projectors import build_projector
+
+    torch.manual_seed(0)
+    proj = build_projector("ln_mlp2x_gelu", 32, 16)
+    x = torch.rand(2, 5, 32)
+    # a non-negative CNN feature with a large shared offset maps like the centred feature
+    assert torch.allclose(proj(x), proj(3.0 * x + 7.0), atol=1e-4)
+    plain = build_projector("mlp2x_gelu", 32, 16)
+    assert not torch.allclose(plain(x), plain(3.0 * x + 7.0), atol=1e-2)
 
 
 def test_missing_adapter_folder_is_a_clear_error(tiny_lite, tmp_path):

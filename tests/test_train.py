@@ -46,6 +46,15 @@ def test_all_stages_chain_and_write_their_outputs(tiny_recipe, tmp_path):
     assert json.loads((tmp_path / "run" / "recipe.json").read_text())["name"] == "tiny"
 
 
+def test_the_final_model_is_that_of_the_last_stage_run(tiny_recipe, tmp_path):
+    from train.run import last_model_dir
+
+    recipe = tiny_recipe()
+    assert last_model_dir(recipe, tmp_path).parent.name == "3-instruct"
+    assert last_model_dir(recipe, tmp_path, ["adapter"]).parent.name == "2-adapter"
+    assert last_model_dir(apply_overrides(recipe, ["instruct.enabled=false"]), tmp_path).parent.name == "2-adapter"
+
+
 def test_a_stage_starts_from_the_previous_stage_model(tiny_recipe, tmp_path, monkeypatch):
     recipe = tiny_recipe()
     run_recipe(recipe, ["align"], tmp_path, progress=False)

@@ -47,7 +47,7 @@ def cmd_train(args) -> int:
         return 130
     print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "eval"} if isinstance(v, dict) else v)
                       for k, v in summary.items()}, indent=2))
-    final = last_model_dir(recipe, output)
+    final = last_model_dir(recipe, output, stages)
     print(f"done: final model in {final}")
     if args.publish:
         from train.publish import publish

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 QUESTIONS = Path(__file__).resolve().parent.parent / "data" / "general_chat" / "questions.json"
@@ -21,8 +22,9 @@ def answer_all(lite, questions: list[dict], max_new_tokens: int) -> list[str]:
 
 
 def hit(answer: str, expect: list[str]) -> bool:
+    """Whether any expected keyword appears as a whole word ("8" must not match "80")."""
     low = answer.lower()
-    return any(e in low for e in expect)
+    return any(re.search(rf"(?<!\w){re.escape(e.lower())}(?!\w)", low) for e in expect)
 
 
 def main(argv: list[str] | None = None) -> int:

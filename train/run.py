@@ -17,10 +17,11 @@ def stage_dir(output: Path, name: str) -> Path:
     return output / f"{STAGES.index(name) + 1}-{name}"
 
 
-def last_model_dir(recipe: TrainRecipe, output: Path) -> Path:
-    """The model folder of the recipe's last enabled stage."""
-    last = [s for s in STAGES if recipe.stage(s).enabled][-1]
-    return stage_dir(output, last) / MODEL_DIR
+def last_model_dir(recipe: TrainRecipe, output: Path, stages: list[str] | None = None) -> Path:
+    """The model folder of the last enabled stage among `stages` (default: all of them)."""
+    enabled = [s for s in STAGES if recipe.stage(s).enabled]
+    chosen = [s for s in enabled if stages is None or s in stages] or enabled
+    return stage_dir(output, chosen[-1]) / MODEL_DIR
 
 
 def run_recipe(
