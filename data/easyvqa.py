@@ -104,6 +104,13 @@ def _by_image(questions: list[tuple[str, str, int]]) -> dict[int, list[tuple[str
     return grouped
 
 
+def _short_answer_row(row_id: str, image: str, question: str, answer: str) -> dict[str, Any]:
+    """A single-question LLaVA row asked the way evaluation asks (`eval_items`)."""
+    return {"id": row_id, "image": image, "conversations": [
+        {"from": "human", "value": f"<image>\n{SHORT_ANSWER}\n{_question(question)}"},
+        {"from": "gpt", "value": answer}]}
+
+
 def build_vqa(split: str = "train", seed: int = 0) -> list[dict[str, Any]]:
     """One single-question short-answer row per question (standard LLaVA rows). Training packs
     the rows of an image with a shared prefix (`pack_shared_prefix`), so each question is
@@ -111,9 +118,7 @@ def build_vqa(split: str = "train", seed: int = 0) -> list[dict[str, Any]]:
     questions, paths = _load(split)
     rows = []
     for index, (q, a, image_id) in enumerate(questions):
-        rows.append({"id": f"easyvqa-{split}-q{index}", "image": paths[image_id], "conversations": [
-            {"from": "human", "value": f"<image>\n{SHORT_ANSWER}\n{_question(q)}"},
-            {"from": "gpt", "value": a}]})
+        rows.append(_short_answer_row(f"easyvqa-{split}-q{index}", paths[image_id], q, a))
     random.Random(seed).shuffle(rows)
     return rows
 
@@ -141,9 +146,8 @@ def build_presence(split: str = "train", seed: int = 0, per_image: int = 4) -> l
             target = targets[k % len(targets)]
             negated = rng.random() < 0.5
             q = rng.choice(NEGATIVE_FORMS if negated else POSITIVE_FORMS).format(target)
-            rows.append({"id": f"easyvqa-{split}-presence-{image_id}-{k}", "image": paths[image_id], "conversations": [
-                {"from": "human", "value": f"<image>\n{SHORT_ANSWER}\n{_question(q)}"},
-                {"from": "gpt", "value": "no" if negated else "yes"}]})
+            rows.append(_short_answer_row(f"easyvqa-{split}-presence-{image_id}-{k}", paths[image_id], q,
+                                          "no" if negated else "yes"))
     return rows
 
 
@@ -163,10 +167,8 @@ def build_colors(split: str = "train", seed: int = 0, per_image: int = 2) -> lis
         if "color" not in f:
             continue
         for k, form in enumerate(rng.sample(COLOR_FORMS, min(per_image, len(COLOR_FORMS)))):
-            q = form.format(f.get("shape", "shape"))
-            rows.append({"id": f"easyvqa-{split}-color-{image_id}-{k}", "image": paths[image_id], "conversations": [
-                {"from": "human", "value": f"<image>\n{SHORT_ANSWER}\n{_question(q)}"},
-                {"from": "gpt", "value": f["color"]}]})
+            rows.append(_short_answer_row(f"easyvqa-{split}-color-{image_id}-{k}", paths[image_id],
+                                          form.format(f.get("shape", "shape")), f["color"]))
     return rows
 
 

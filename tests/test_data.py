@@ -90,7 +90,7 @@ def test_scene_image_shows_the_objects_colours(tmp_path):
         assert scenes.COLORS[obj["color"]] in found
 
 
-# -- converters ---------------------------------------------------------------------------
+# -- general-chat replay -------------------------------------------------------------------
 def test_general_replay_is_text_only_disjoint_from_the_held_out_chat_questions(tmp_path):
     from data.builders import build_train_set
     from data.general_replay import PROMPTS, load_replay, whole_sentences
@@ -105,12 +105,16 @@ def test_general_replay_is_text_only_disjoint_from_the_held_out_chat_questions(t
     assert not bad and len(rows) == 2 * len(replay) and len({r.id for r in rows}) == len(rows)
     assert all(not r.images and "<image>" not in r.conversations[0]["content"] for r in rows)
     assert whole_sentences("It is Paris. It has many") == "It is Paris."
-    from train.general_chat import hit
-
-    assert hit("A spider has 8 legs.", ["8", "eight"]) and not hit("A spider has 80 legs.", ["8", "eight"])
     assert whole_sentences("Paris") == "Paris" and whole_sentences("Yes! Fine.") == "Yes! Fine."
 
 
+def test_general_chat_keywords_match_whole_words():
+    from train.general_chat import hit
+
+    assert hit("A spider has 8 legs.", ["8", "eight"]) and not hit("A spider has 80 legs.", ["8", "eight"])
+
+
+# -- converters ---------------------------------------------------------------------------
 def test_convert_lcs558k(tmp_path):
     src = FIXTURES / "blip_laion_cc_sbu_558k_sample.json"
     report = convert("llava-pretrain", src, tmp_path / "out.jsonl")
