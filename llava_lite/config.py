@@ -23,12 +23,16 @@ class VisionConfig:
     feature_layer: hidden-state index whose features are used (CLIP towers).
     feature_strategy: `patch` drops the CLS token, `cls_patch` keeps it (CNN towers prepend a
         global average-pooled token in its place).
+    concat_blocks: indices of earlier blocks of a CNN tower whose feature maps, average-pooled
+        to the output grid, are concatenated to each token's channels. They keep low-level cues
+        (absolute colour and brightness) that the last layer is trained to discard.
     """
 
     name: str = "efficientnet-lite0"
     model_id: str | None = None
     feature_layer: int = -2
     feature_strategy: str = "patch"
+    concat_blocks: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -23,9 +23,11 @@ from llava_lite.images import load_image
 
 def tower_key(config: VisionConfig) -> str:
     """A folder name identifying the tower and everything that changes its features."""
+    # `concat` enters the key only when set, so caches written before it existed stay valid.
     ident = json.dumps(
         {"name": config.name, "model_id": config.model_id, "layer": config.feature_layer,
-         "strategy": config.feature_strategy}, sort_keys=True,
+         "strategy": config.feature_strategy, **({"concat": config.concat_blocks} if config.concat_blocks else {})},
+        sort_keys=True,
     )
     return f"{config.name}-{hashlib.sha1(ident.encode()).hexdigest()[:12]}"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -186,7 +187,7 @@ def test_bad_json_files_name_the_line(tmp_path):
 # -- feature cache --------------------------------------------------------------------------
 def test_feature_cache_is_keyed_by_tower_and_image_content(tiny_lite, images, tmp_path):
     from llava_lite.config import VisionConfig
-    from llava_lite.feature_cache import FeatureCache
+    from llava_lite.feature_cache import FeatureCache, tower_key
 
     lite = tiny_lite(lora=False)
     tower = lite.model.vision_tower
@@ -205,6 +206,12 @@ def test_feature_cache_is_keyed_by_tower_and_image_content(tiny_lite, images, tm
     assert torch.equal(again.get(str(tmp_path / "copy.png")), cache.get(paths[0]))
     other = FeatureCache(tmp_path / "cache", VisionConfig(name="clip", model_id="x", feature_layer=-1))
     assert other.dir != cache.dir and other.missing(paths) == paths
+    # widened features get their own folder; configs without them keep the folder they had
+    wide = FeatureCache(tmp_path / "cache", VisionConfig(**{**vars(lite.config.vision), "concat_blocks": [5]}))
+    assert wide.dir != cache.dir and wide.missing(paths) == paths
+    assert tower_key(VisionConfig(name="efficientnet-lite0")) == "efficientnet-lite0-" + hashlib.sha1(json.dumps(
+        {"name": "efficientnet-lite0", "model_id": None, "layer": -2, "strategy": "patch"},
+        sort_keys=True).encode()).hexdigest()[:12]
 
 
 # -- batching -----------------------------------------------------------------------------

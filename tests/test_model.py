@@ -200,3 +200,39 @@ def test_efficientnet_cls_patch_prepends_the_global_token(images):
     a, b = patch(pixels), cls(pixels)
     assert (patch.num_tokens, cls.num_tokens) == (49, 50) and b.shape == (2, 50, 1280)
     assert torch.allclose(b[:, 1:], a) and torch.allclose(b[:, 0], a.mean(1), atol=1e-5)
+
+
+def test_efficientnet_concat_blocks_widens_every_token_with_pooled_block_features(images):
+    import torch.nn.functional as F
+
+    from llava_lite.config import ConfigError
+    from llava_lite.vision.efficientnet import EfficientNetLite0Tower
+
+    tower = EfficientNetLite0Tower(pretrained=False, strategy="cls_patch", concat_blocks=[5, 1])
+    assert tower.concat_blocks == [1, 5] and tower.hidden_size == 1280 + 24 + 80
+    pixels = tower.preprocess([img.convert("RGB") for img in images[:2]])
+    feats = tower(pixels)
+    assert feats.shape == (2, 50, 1384)
+    # the first 1280 channels are the plain head features, the rest the blocks' own outputs
+    head = tower.net.extract_features(pixels).flatten(2).transpose(1, 2)
+    assert torch.allclose(feats[:, 1:, :1280], head, atol=1e-5)
+    net = tower.net
+    x = net._swish(net._bn0(net._conv_stem(pixels)))
+    for idx in range(6):
+        x = net._blocks[idx](x)
+        if idx == 1:
+            block1 = F.adaptive_avg_pool2d(x, 7).flatten(2).transpose(1, 2)
+    block5 = F.adaptive_avg_pool2d(x, 7).flatten(2).transpose(1, 2)
+    assert torch.allclose(feats[:, 1:, 1280:1304], block1, atol=1e-5)
+    assert torch.allclose(feats[:, 1:, 1304:], block5, atol=1e-5)
+    assert torch.allclose(feats[:, 0], feats[:, 1:].mean(1), atol=1e-5)
+    with pytest.raises(ConfigError, match=r"concat_blocks=\[16\].*blocks 0-15"):
+        EfficientNetLite0Tower(pretrained=False, concat_blocks=[16])
+
+
+def test_clip_tower_rejects_concat_blocks():
+    from llava_lite.config import ConfigError, VisionConfig
+    from llava_lite.registry import VISION_TOWERS
+
+    with pytest.raises(ConfigError, match="concat_blocks is for CNN towers"):
+        VISION_TOWERS.get("clip")(VisionConfig(name="clip", model_id="unused", concat_blocks=[3]))

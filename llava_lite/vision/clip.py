@@ -76,6 +76,8 @@ def load_vision_model(model_id: str) -> nn.Module:
 def build_clip(config: VisionConfig) -> CLIPTower:
     if not config.model_id:
         raise ConfigError("vision.name='clip' needs vision.model_id (a Hub id or local folder)")
+    if config.concat_blocks:
+        raise ConfigError("vision.concat_blocks is for CNN towers; a 'clip' tower uses vision.feature_layer")
     model = load_vision_model(config.model_id)
     processor = image_processor_for(model.config, config.model_id)
     return CLIPTower(model, processor, config.feature_layer, config.feature_strategy)

@@ -13,10 +13,12 @@ SCENES = {"n": 600}
 def recipe() -> TrainRecipe:
     return TrainRecipe(
         name="demo",
-        # The default parts, with the tower's global pooled token before its 49 patch tokens, and
-        # a LayerNorm on the tower features before the projector MLP.
+        # The default parts, with the tower's global pooled token before its 49 patch tokens, each
+        # token widened with block 5's features (absolute colour: small brown shapes were called
+        # red), and a LayerNorm on the tower features before the projector MLP.
         # LoRA settings apply to the stages that turn LoRA on.
-        model=LlavaLiteConfig(vision=VisionConfig(name="efficientnet-lite0", feature_strategy="cls_patch"),
+        model=LlavaLiteConfig(vision=VisionConfig(name="efficientnet-lite0", feature_strategy="cls_patch",
+                                                  concat_blocks=[5]),
                               projector=ProjectorConfig(name="ln_mlp2x_gelu"),
                               lora=LoraConfig(r=16, alpha=32, dropout=0.0), max_length=1024),
         precision="bf16",
