@@ -47,11 +47,10 @@ def build_replay(model_id: str = "smollm2-135m-instruct", max_new_tokens: int = 
     from tqdm.auto import tqdm
 
     from llava_lite import LlavaLite, LlavaLiteConfig
-    from llava_lite.checkpoint import build_model
     from llava_lite.config import LLMConfig
 
     torch.manual_seed(0)
-    base = LlavaLite(*build_model(LlavaLiteConfig(llm=LLMConfig(model_id=model_id))), source="base")
+    base = LlavaLite.from_config(LlavaLiteConfig(llm=LLMConfig(model_id=model_id)), source="base")
     rows = []
     for k, prompt in enumerate(tqdm(json.loads(PROMPTS.read_text()), desc="replay", unit="prompt")):
         answer = whole_sentences(base.chat([{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens))

@@ -100,6 +100,14 @@ class LlavaLite:
             obj.quantize(quantize)
         return obj
 
+    @classmethod
+    def from_config(cls, config: LlavaLiteConfig, *, source: str = "from_config",
+                    dtype: str | torch.dtype | None = None, seed: int = 0) -> LlavaLite:
+        """An untrained model from a config: pretrained tower and LLM, a projector initialised
+        from `seed`, and a fresh (zero-effect) LoRA adapter if `config.lora.enabled`. Without
+        images it chats as the base LLM does, which is what base-vs-trained comparisons need."""
+        return cls(*build_model(config, dtype=_resolve_dtype(dtype), seed=seed), source=source)
+
     def save_pretrained(self, path: str | Path) -> Path:
         return save_checkpoint(self.model, path, tokenizer=self.processor.tokenizer)
 

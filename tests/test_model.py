@@ -236,3 +236,18 @@ def test_clip_tower_rejects_concat_blocks():
 
     with pytest.raises(ConfigError, match="concat_blocks is for CNN towers"):
         VISION_TOWERS.get("clip")(VisionConfig(name="clip", model_id="unused", concat_blocks=[3]))
+
+
+def test_from_config_is_the_untouched_base_llm_for_text_chat(tiny_config, tiny_llm_dir):
+    from transformers import AutoModelForCausalLM
+
+    a = LlavaLite.from_config(tiny_config(lora=True), source="base")
+    b = LlavaLite.from_config(tiny_config(lora=False), seed=1)
+    assert a.source == "base" and b.source == "from_config"
+    # different random projectors, yet the same text-only answers: the LLM is the pretrained one
+    assert not torch.equal(next(a.model.projector.parameters()), next(b.model.projector.parameters()))
+    raw = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
+    for name, param in raw.named_parameters():
+        assert torch.equal(b.model.llm.get_parameter(name), param), name
+    messages = [{"role": "user", "content": "Name three colours."}]
+    assert a.chat(messages, max_new_tokens=8) == b.chat(messages, max_new_tokens=8)

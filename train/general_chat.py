@@ -31,7 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from llava_lite import LlavaLite, LlavaLiteConfig
-    from llava_lite.checkpoint import build_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="trained checkpoint (default: the built-in model)")
@@ -44,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     trained_answers = answer_all(trained.merge_lora() if trained.config.lora.enabled else trained,
                                  questions, args.max_new_tokens)
     # The base: the same LLM and chat template, no adapter (the projector is unused without images).
-    base = LlavaLite(*build_model(LlavaLiteConfig(llm=trained.config.llm, system_prompt=trained.config.system_prompt)),
-                     source="base")
+    base = LlavaLite.from_config(LlavaLiteConfig(llm=trained.config.llm, system_prompt=trained.config.system_prompt),
+                                 source="base")
     base_answers = answer_all(base, questions, args.max_new_tokens)
     rows = []
     base_hits = trained_hits = 0
