@@ -29,6 +29,11 @@ def _scenes(root: Path, split: str, n: int, seed: int) -> list[dict[str, Any]]:
     return scenes.generate(split, n, _scene_dir(root), seed=seed)
 
 
+def _repeated(rows: list[dict[str, Any]], repeat: int) -> list[dict[str, Any]]:
+    """`repeat` copies of `rows`, each with its own id (the file is read once, not per copy)."""
+    return [{**row, "id": f"{row['id']}-r{k}"} for k in range(repeat) for row in rows]
+
+
 TRAIN_SETS: dict[str, TrainBuilder] = {
     "easyvqa-captions": lambda root, seed=0, **kw: easyvqa.build_captions("train", seed=seed),
     "easyvqa-vqa": lambda root, seed=0: easyvqa.build_vqa("train", seed=seed),
@@ -41,8 +46,7 @@ TRAIN_SETS: dict[str, TrainBuilder] = {
     "scenes-vqa": lambda root, n=1000, seed=0: scenes.to_vqa(_scenes(root, "train", n, seed), easyvqa.SHORT_ANSWER),
     "scenes-dialogues": lambda root, n=1000, seed=0, **kw: scenes.to_dialogues(
         _scenes(root, "train", n, seed), easyvqa.CAPTION_PROMPTS, **kw),
-    "general-replay": lambda root, repeat=1: [
-        {**row, "id": f"{row['id']}-r{k}"} for k in range(repeat) for row in general_replay.load_replay()],
+    "general-replay": lambda root, repeat=1: _repeated(general_replay.load_replay(), repeat),
 }
 
 # Sets copied from a committed file rather than generated: cheap, and rebuilt on every use so
