@@ -169,9 +169,9 @@ def test_clip_recipe_trains_saves_and_serves_the_cli(tiny_clip_dir, tiny_text_di
     from llava_lite.cli import main
     from llava_lite.config import VisionConfig
     from llava_lite.dual_encoder import DualEncoderConfig, TextEncoderConfig
-    from train.clip_recipe import ClipRecipe
-    from train.clip_train import run_clip_recipe
-    from train.recipe import apply_overrides
+    from llava_lite.train.clip_recipe import ClipRecipe
+    from llava_lite.train.clip_train import run_clip_recipe
+    from llava_lite.train.recipe import apply_overrides
 
     recipe = ClipRecipe(
         name="clip-tiny",
@@ -204,7 +204,7 @@ def test_clip_recipe_trains_saves_and_serves_the_cli(tiny_clip_dir, tiny_text_di
 
 def test_clip_recipe_rejects_bad_settings():
     from llava_lite.config import ConfigError
-    from train.clip_recipe import ClipRecipe
+    from llava_lite.train.clip_recipe import ClipRecipe
 
     with pytest.raises(ConfigError, match="not Fashion-MNIST classes"):
         ClipRecipe(fashion_per_class=10, held_out_classes=["spaceship"]).validate()

@@ -52,4 +52,12 @@ def test_committed_demo_model_sees_and_eval_writes_reports(tmp_path):
     assert result["by_type"]["shape"]["accuracy"] >= 0.9
     assert "| shape |" in (tmp_path / "result.md").read_text()
     assert (tmp_path / "result.png").stat().st_size > 1000
-    assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 60
+    # every question in each of the three prompt forms, side by side
+    assert set(result["forms"]) >= {"trained", "raw", "natural"}
+    assert result["forms"]["trained"]["accuracy"] == result["accuracy"]
+    assert "| trained | raw | natural |" in (tmp_path / "result.md").read_text().replace(" | natural, no negation", "")
+    preds = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 3 * 60 and {p["form"] for p in preds} == {"trained", "raw", "natural"}
+    natural = [p for p in preds if p["form"] == "natural"]
+    assert not any(p["question"].startswith("Answer each") for p in natural)
+    assert sum(p["score"] for p in natural) / 60 == result["forms"]["natural"]["accuracy"]

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from data import easyvqa, scenes
-from data.converters import convert
 from llava_lite.contrastive import MAX_LOGIT_SCALE, LogitScale, clip_loss
+from llava_lite.data import easyvqa, scenes
+from llava_lite.data.converters import convert
 from llava_lite.llava_data import DataValidationError, load_rows
-from train.batching import BatchSchedule, epoch_batches, shard
+from llava_lite.train.batching import BatchSchedule, epoch_batches, shard
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -93,11 +93,11 @@ def test_scene_image_shows_the_objects_colours(tmp_path):
 
 # -- general-chat replay -------------------------------------------------------------------
 def test_general_replay_is_text_only_disjoint_from_the_held_out_chat_questions(tmp_path):
-    from data.builders import build_train_set
-    from data.general_replay import PROMPTS, load_replay, whole_sentences
+    from llava_lite.data.builders import build_train_set
+    from llava_lite.data.general_replay import PROMPTS, load_replay, whole_sentences
+    from llava_lite.eval.general_chat import QUESTIONS
 
-    held_out = {q["question"] for q in json.loads((Path(__file__).parent.parent / "data" / "general_chat" /
-                                                   "questions.json").read_text())}
+    held_out = {q["question"] for q in json.loads(QUESTIONS.read_text())}
     prompts = json.loads(PROMPTS.read_text())
     assert len(prompts) == len(set(prompts)) >= 50 and not held_out & set(prompts)
     replay = load_replay()
@@ -110,7 +110,7 @@ def test_general_replay_is_text_only_disjoint_from_the_held_out_chat_questions(t
 
 
 def test_general_chat_keywords_match_whole_words():
-    from train.general_chat import hit
+    from llava_lite.eval.general_chat import hit
 
     assert hit("A spider has 8 legs.", ["8", "eight"]) and not hit("A spider has 80 legs.", ["8", "eight"])
 

@@ -12,8 +12,8 @@ from PIL import Image
 
 from llava_lite.caption_metrics import bleu
 from llava_lite.cli import main
+from llava_lite.eval.tasks import agreement, load_coco_captions, load_vqa_items, token_f1
 from llava_lite.vqa_metrics import vqa_accuracy
-from train.eval_tasks import agreement, load_coco_captions, load_vqa_items, token_f1
 
 
 @pytest.fixture
@@ -46,8 +46,14 @@ def test_vqa_task_scores_its_predictions(tiny_ckpt, image_dir, tmp_path):
                  "--image-root", str(image_dir), "--out", str(out), "--max-new-tokens", "3"]) == 0
     result = _reports(out)
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    expected = sum(vqa_accuracy(p["prediction"], p["answers"]) for p in preds) / len(preds)
-    assert result["accuracy"] == pytest.approx(expected) and result["n"] == 3
+    assert len(preds) == 3 * 3  # each question in each prompt form
+    for form in ("trained", "raw", "natural"):
+        mine = [p for p in preds if p["form"] == form]
+        expected = sum(vqa_accuracy(p["read"], p["answers"]) for p in mine) / len(mine)
+        assert result["forms"][form]["accuracy"] == pytest.approx(expected)
+    assert result["accuracy"] == result["forms"]["trained"]["accuracy"] and result["n"] == 3
+    trained, natural = preds[0]["question"], preds[-1]["question"]
+    assert trained.startswith("Answer each question with a single word.\nWhat is") and natural == "what is 2?"
 
 
 def test_vqa_file_errors_name_the_row(tmp_path):
@@ -85,9 +91,10 @@ def test_pope_alignment_and_consistency_tasks(tiny_ckpt, tmp_path):
                  "--out", str(out)]) == 0
     result = _reports(out)
     for key in ("scenes/random", "scenes/popular", "scenes/adversarial", "easyvqa/adversarial"):
-        m = result[key]
-        assert m["tp"] + m["fp"] + m["tn"] + m["fn"] == m["n"] > 0
-        assert m["tp"] + m["fn"] == m["fp"] + m["tn"]  # as many present as absent probes
+        assert set(result[key]) == {"trained", "raw", "natural"}
+        for m in result[key].values():
+            assert m["tp"] + m["fp"] + m["tn"] + m["fn"] == m["n"] > 0
+            assert m["tp"] + m["fn"] == m["fp"] + m["tn"]  # as many present as absent probes
     out = tmp_path / "align"
     assert main(["eval", "--model", str(tiny_ckpt), "--task", "alignment", "--scenes", "6", "--out", str(out)]) == 0
     table = json.loads((out / "result.json").read_text())["table"]
@@ -103,3 +110,22 @@ def test_pope_alignment_and_consistency_tasks(tiny_ckpt, tmp_path):
 def test_agreement_by_hand():
     assert token_f1("a red circle", "a red square") == pytest.approx(2 / 3)
     assert agreement(["red circle", "red circle", "blue square"]) == pytest.approx((1 + 0 + 0) / 3)
+
+
+def test_caption_task_on_scenes_reports_chair_against_the_scene_objects(tiny_ckpt, tmp_path):
+    from llava_lite.chair import chair_scores
+    from llava_lite.data.scenes import COLORS, OBJECT_WORDS
+    from llava_lite.eval.tasks import held_out_scenes
+
+    out = tmp_path / "cap"
+    assert main(["eval", "--model", str(tiny_ckpt), "--task", "caption", "--scenes", "3", "--out", str(out),
+                 "--max-new-tokens", "4"]) == 0
+    result = _reports(out)
+    preds = {p["image"]: p["caption"] for p in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
+    scenes = held_out_scenes(3)
+    expected = chair_scores([preds[s["image"]] for s in scenes],
+                            [[(o["color"], o["shape"]) for o in s["objects"]] for s in scenes],
+                            OBJECT_WORDS, set(COLORS))
+    assert {k: result[k] for k in ("CHAIR-i", "CHAIR-s", "recall")} == {k: expected[k] for k in
+                                                                        ("CHAIR-i", "CHAIR-s", "recall")}
+    assert "hallucination (CHAIR)" in json.loads((out / "result.json").read_text())["table"]

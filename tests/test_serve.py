@@ -13,10 +13,10 @@ import time
 import pytest
 from PIL import Image
 
-from serve.engine import ChatEngine, ChatRequest, ServerBusyError, UserFacingError
-from serve.gradio_history import ERROR_MARK, history_to_request
-from serve.limits import ServeLimits
-from serve.openai_api import ImagePolicy, parse_messages
+from llava_lite.serve.engine import ChatEngine, ChatRequest, ServerBusyError, UserFacingError
+from llava_lite.serve.gradio_history import ERROR_MARK, history_to_request
+from llava_lite.serve.limits import ServeLimits
+from llava_lite.serve.openai_api import ImagePolicy, parse_messages
 
 TOKEN = "<image>"
 
@@ -197,7 +197,7 @@ def api(engine):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from serve.openai_api import build_router
+    from llava_lite.serve.openai_api import build_router
 
     app = FastAPI()
     app.include_router(build_router(engine, ImagePolicy()))
@@ -250,7 +250,7 @@ def test_api_bad_requests_get_openai_style_errors(api, body, status):
 
 # -- terminal chat -------------------------------------------------------------------------
 def test_terminal_chat_streams_switches_images_and_resets(tiny_lite, tmp_path):
-    from serve.terminal import TerminalChat
+    from llava_lite.serve.terminal import TerminalChat
 
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     a.write_bytes(_png((255, 0, 0)))

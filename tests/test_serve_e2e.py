@@ -35,7 +35,7 @@ def _free_port() -> int:
 
 def _easyvqa_by_color() -> dict[str, str]:
     """One easy-VQA test image per colour (8 colours)."""
-    from data.easyvqa import image_facts, image_paths
+    from llava_lite.data.easyvqa import image_facts, image_paths
 
     facts, paths = image_facts("test"), image_paths("test")
     chosen: dict[str, str] = {}
@@ -120,7 +120,7 @@ def test_browser_chat_upload_ask_stream_screenshot(server):
 def test_eight_concurrent_sessions_each_get_their_own_answer(server):
     from gradio_client import Client, handle_file
 
-    from data.easyvqa import image_facts, image_paths
+    from llava_lite.data.easyvqa import image_facts, image_paths
 
     url, _ = server
     question = f"{SHORT}\nWhat color is the shape?"

@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
+from llava_lite.recipes import get_recipe
 from safetensors.torch import load_file
 
 from llava_lite.config import ConfigError
 from llava_lite.llava_data import DataValidationError
-from train import loop
-from train.recipe import DataSpec, apply_overrides
-from train.recipes import get_recipe
-from train.run import run_recipe
+from llava_lite.train import loop
+from llava_lite.train.recipe import DataSpec, apply_overrides
+from llava_lite.train.run import run_recipe
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_all_stages_chain_and_write_their_outputs(tiny_recipe, tmp_path):
 
 
 def test_the_final_model_is_that_of_the_last_stage_run(tiny_recipe, tmp_path):
-    from train.run import last_model_dir
+    from llava_lite.train.run import last_model_dir
 
     recipe = tiny_recipe()
     assert last_model_dir(recipe, tmp_path).parent.name == "3-instruct"
@@ -214,7 +214,7 @@ def _encoded_rows(lite, image_path, questions, image_first=True):
 
 
 def test_prefix_shared_packing_gives_the_separate_rows_losses(tiny_lite, images, tmp_path):
-    from train.packing import pack_rows, single
+    from llava_lite.train.packing import pack_rows, single
 
     lite = tiny_lite(lora=True, seed=1)
     paths = [tmp_path / "a.png", tmp_path / "b.png"]
@@ -247,7 +247,7 @@ def test_prefix_shared_packing_gives_the_separate_rows_losses(tiny_lite, images,
 
 
 def test_rows_that_cannot_share_a_prefix_stay_single(tiny_lite, images, tmp_path):
-    from train.packing import pack_rows
+    from llava_lite.train.packing import pack_rows
 
     lite = tiny_lite(lora=False)
     images[0].save(tmp_path / "a.png")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from train.clip_recipe import ClipRecipe
-from train.recipe import TrainRecipe
+from llava_lite.train.clip_recipe import ClipRecipe
+from llava_lite.train.recipe import TrainRecipe
 
 RECIPES = {
-    "demo": "train.recipes.demo",
-    "tiny": "train.recipes.tiny",
-    "llava15-7b": "train.recipes.llava15_7b",
-    "clip-demo": "train.recipes.clip_demo",  # a dual encoder (train/clip_recipe.py), not a LLaVA model
+    "demo": "llava_lite.recipes.demo",
+    "tiny": "llava_lite.recipes.tiny",
+    "llava15-7b": "llava_lite.recipes.llava15_7b",
+    "clip-demo": "llava_lite.recipes.clip_demo",  # a dual encoder (llava_lite/train/clip_recipe.py), not a LLaVA model
 }
 
 

@@ -4,7 +4,7 @@ captions. Three Fashion-MNIST classes never appear in training: the zero-shot te
 
 from llava_lite.config import VisionConfig
 from llava_lite.dual_encoder import DualEncoderConfig, TextEncoderConfig
-from train.clip_recipe import ClipRecipe
+from llava_lite.train.clip_recipe import ClipRecipe
 
 
 def recipe() -> ClipRecipe:

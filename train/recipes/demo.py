@@ -5,7 +5,7 @@ on 2 CPU cores. Reproduce with `llava-lite train --recipe demo --stage all`.
 """
 
 from llava_lite.config import LlavaLiteConfig, LoraConfig, ProjectorConfig, VisionConfig
-from train.recipe import DataSpec, EvalSpec, StageConfig, TrainRecipe
+from llava_lite.train.recipe import DataSpec, EvalSpec, StageConfig, TrainRecipe
 
 SCENES = {"n": 600}
 

@@ -4,7 +4,7 @@ CLIP ViT-L/14-336 + Vicuna-7B-v1.5 with an mlp2x_gelu projector. Stage 1 trains 
 on LCS-558K (lr 1e-3, batch 256, 1 epoch); the LoRA stage tunes on llava_v1_5_mix665k
 (r 128, alpha 256, lr 2e-4, projector lr 2e-5, batch 128, 1 epoch); both use a cosine
 schedule with 3% warmup, bf16 and a 2048-token context. LLaVA-1.5 has no separate adapter
-stage, so it is off here. Point the paths at your copies (converters in `data/converters.py`):
+stage, so it is off here. Point the paths at your copies (converters in `llava_lite/data/converters.py`):
 
     llava-lite train --recipe llava15-7b --stage all \
         align.data.0.path=/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json ...
@@ -14,7 +14,7 @@ add a DeepSpeed ZeRO-2/3 config through `accelerate config` (see README).
 """
 
 from llava_lite.config import LlavaLiteConfig, LLMConfig, LoraConfig, ProjectorConfig, VisionConfig
-from train.recipe import DataSpec, StageConfig, TrainRecipe
+from llava_lite.train.recipe import DataSpec, StageConfig, TrainRecipe
 
 
 def recipe() -> TrainRecipe:

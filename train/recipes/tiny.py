@@ -1,7 +1,7 @@
 """What CI runs: the default parts on a handful of generated scenes, every stage in seconds."""
 
 from llava_lite.config import LlavaLiteConfig, LoraConfig
-from train.recipe import DataSpec, EvalSpec, StageConfig, TrainRecipe
+from llava_lite.train.recipe import DataSpec, EvalSpec, StageConfig, TrainRecipe
 
 SCENES = {"n": 16}
 

@@ -19,6 +19,8 @@ COLORS = {
     "teal": (30, 160, 160), "brown": (130, 80, 30), "gray": (128, 128, 128), "black": (15, 15, 15),
 }
 SHAPES = ("circle", "square", "triangle")
+# words a caption may use for each shape (CHAIR scoring): a square is also a rectangle
+OBJECT_WORDS = {"circle": "circle", "square": "square", "rectangle": "square", "triangle": "triangle"}
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 CANVAS = 128
 CELL = CANVAS // 2  # objects sit in the cells of a 2x2 grid, so relations are unambiguous
@@ -152,14 +154,15 @@ def generate(split: str, n: int, out_dir: str | Path, seed: int = 0) -> list[dic
     return scenes
 
 
-def _objects(scene: dict[str, Any]) -> list[SceneObject]:
+def scene_objects(scene: dict[str, Any]) -> list[SceneObject]:
+    """The objects of a generated scene row."""
     return [SceneObject(**o) for o in scene["objects"]]
 
 
 def to_captions(scenes: list[dict[str, Any]], prompts: list[str]) -> list[dict[str, Any]]:
     return [{"id": s["id"] + "-cap", "image": s["image"], "conversations": [
         {"from": "human", "value": f"<image>\n{prompts[i % len(prompts)]}"},
-        {"from": "gpt", "value": caption(_objects(s))}]} for i, s in enumerate(scenes)]
+        {"from": "gpt", "value": caption(scene_objects(s))}]} for i, s in enumerate(scenes)]
 
 
 def to_vqa(scenes: list[dict[str, Any]], instruction: str) -> list[dict[str, Any]]:
@@ -178,11 +181,14 @@ def to_dialogues(scenes: list[dict[str, Any]], prompts: list[str], max_turns: in
             turns += [{"from": "human", "value": f"<image>\n{q}" if k == 0 else q},
                       {"from": "gpt", "value": sentence}]
         turns += [{"from": "human", "value": prompts[i % len(prompts)]},
-                  {"from": "gpt", "value": caption(_objects(s))}]
+                  {"from": "gpt", "value": caption(scene_objects(s))}]
         rows.append({"id": s["id"] + "-dlg", "image": s["image"], "conversations": turns})
     return rows
 
 
 def eval_items(scenes: list[dict[str, Any]], instruction: str) -> list[dict[str, str]]:
-    return [{"image": s["image"], "question": f"{instruction}\n{q}", "answer": short, "type": question_type(q)}
+    """Single questions with their short answers; `raw` and `instruction` give the other prompt
+    forms (`llava_lite.eval.prompt_forms`)."""
+    return [{"image": s["image"], "question": f"{instruction}\n{q}", "answer": short, "type": question_type(q),
+             "raw": q, "instruction": instruction}
             for s in scenes for q, short, _ in s["qa"]]

@@ -40,7 +40,7 @@ class ClipRecipe:
 
     def validate(self) -> ClipRecipe:
         self.model.validate()
-        from data.fashion_mnist import CLASSES
+        from llava_lite.data.fashion_mnist import CLASSES
 
         unknown = [c for c in self.held_out_classes if c not in CLASSES]
         if unknown:

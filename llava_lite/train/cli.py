@@ -9,10 +9,10 @@ from pathlib import Path
 
 
 def cmd_train(args) -> int:
-    from train.loop import TrainingDivergedError, TrainingInterrupted
-    from train.recipe import STAGES, apply_overrides
-    from train.recipes import RECIPES, get_recipe, recipe_source
-    from train.run import last_model_dir, run_recipe
+    from llava_lite.recipes import RECIPES, get_recipe, recipe_source
+    from llava_lite.train.loop import TrainingDivergedError, TrainingInterrupted
+    from llava_lite.train.recipe import STAGES, apply_overrides
+    from llava_lite.train.run import last_model_dir, run_recipe
 
     if args.list:
         for name in sorted(RECIPES):
@@ -25,7 +25,7 @@ def cmd_train(args) -> int:
     if args.overrides:
         recipe = apply_overrides(recipe, args.overrides)
     if getattr(recipe, "kind", "llava") == "clip":
-        from train.clip_train import run_clip_recipe
+        from llava_lite.train.clip_train import run_clip_recipe
 
         output = Path(args.output or f"runs/{recipe.name}")
         summary = run_clip_recipe(recipe, output, recipe_source(args.recipe), progress=not args.no_progress)
@@ -50,7 +50,7 @@ def cmd_train(args) -> int:
     final = last_model_dir(recipe, output, stages)
     print(f"done: final model in {final}")
     if args.publish:
-        from train.publish import publish
+        from llava_lite.train.publish import publish
 
         print(f"published (fp16 weights) to {publish(final, args.publish)}")
     return 0

@@ -7,9 +7,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from serve.engine import ChatEngine
-from serve.limits import ServeLimits
-from serve.openai_api import ImagePolicy, build_router
+from llava_lite.serve.engine import ChatEngine
+from llava_lite.serve.limits import ServeLimits
+from llava_lite.serve.openai_api import ImagePolicy, build_router
 
 log = logging.getLogger("llava_lite.serve")
 
@@ -17,7 +17,7 @@ log = logging.getLogger("llava_lite.serve")
 def launch(engine: ChatEngine, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
            allow_local_files: list[str] | None = None, block: bool = True):
     """Start serving; returns (app, local_url) when `block` is False."""
-    from serve.app import build_app
+    from llava_lite.serve.app import build_app
 
     limits: ServeLimits = engine.limits
     # Gradio keeps uploads in its own temp folder; the examples are written next to it.

@@ -7,7 +7,7 @@ import sys
 
 
 def cmd_convert(args) -> int:
-    from data.converters import convert
+    from llava_lite.data.converters import convert
 
     kwargs = {"limit": args.limit}
     if args.format == "coco-captions":
@@ -22,7 +22,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from data.builders import build_train_set
+    from llava_lite.data.builders import build_train_set
     from llava_lite.packaged import cache_dir
 
     for name in args.names:
@@ -41,8 +41,8 @@ def cmd_check(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from data.builders import TRAIN_SETS
-    from data.converters import CONVERTERS
+    from llava_lite.data.builders import TRAIN_SETS
+    from llava_lite.data.converters import CONVERTERS
 
     p = sub.add_parser("data", help="convert, build or check training data")
     dsub = p.add_subparsers(dest="data_command", metavar="COMMAND")

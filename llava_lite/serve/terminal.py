@@ -8,8 +8,8 @@ from typing import TextIO
 
 from llava_lite import LlavaLite
 from llava_lite.images import ImageLoadError, load_image
-from serve.engine import ChatEngine, ChatRequest, UserFacingError
-from serve.limits import ServeLimits
+from llava_lite.serve.engine import ChatEngine, ChatRequest, UserFacingError
+from llava_lite.serve.limits import ServeLimits
 
 HELP = """Commands:
   /image PATH   talk about another image from the next question on (earlier turns stay)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from data import easyvqa, general_replay, scenes
+from llava_lite.data import easyvqa, general_replay, scenes
 from llava_lite.llava_data import write_rows
 
 # Bumped whenever a builder's output changes, so files built by older code are not reused.
@@ -25,7 +25,8 @@ def _scene_dir(root: Path) -> Path:
     return root / "scenes"
 
 
-def _scenes(root: Path, split: str, n: int, seed: int) -> list[dict[str, Any]]:
+def generated_scenes(root: Path, split: str, n: int, seed: int) -> list[dict[str, Any]]:
+    """`n` generated scenes of `split` (built once under `root`, deterministic in `seed`)."""
     return scenes.generate(split, n, _scene_dir(root), seed=seed)
 
 
@@ -42,10 +43,11 @@ TRAIN_SETS: dict[str, TrainBuilder] = {
     "easyvqa-colors": lambda root, seed=0, per_image=2: easyvqa.build_colors("train", seed=seed, per_image=per_image),
     "easyvqa-conversations": lambda root, seed=0, **kw: easyvqa.build_conversations("train", seed=seed, **kw),
     "scenes-captions": lambda root, n=1000, seed=0: scenes.to_captions(
-        _scenes(root, "train", n, seed), easyvqa.CAPTION_PROMPTS),
-    "scenes-vqa": lambda root, n=1000, seed=0: scenes.to_vqa(_scenes(root, "train", n, seed), easyvqa.SHORT_ANSWER),
+        generated_scenes(root, "train", n, seed), easyvqa.CAPTION_PROMPTS),
+    "scenes-vqa": lambda root, n=1000, seed=0: scenes.to_vqa(
+        generated_scenes(root, "train", n, seed), easyvqa.SHORT_ANSWER),
     "scenes-dialogues": lambda root, n=1000, seed=0, **kw: scenes.to_dialogues(
-        _scenes(root, "train", n, seed), easyvqa.CAPTION_PROMPTS, **kw),
+        generated_scenes(root, "train", n, seed), easyvqa.CAPTION_PROMPTS, **kw),
     "general-replay": lambda root, repeat=1: _repeated(general_replay.load_replay(), repeat),
 }
 
@@ -56,7 +58,7 @@ ALWAYS_REBUILT = {"general-replay"}
 EVAL_SETS: dict[str, EvalBuilder] = {
     "easyvqa-test": lambda root, limit=None, seed=0: easyvqa.eval_items("test", limit=limit, seed=seed),
     "scenes-test": lambda root, n=200, seed=0, limit=None: scenes.eval_items(
-        _scenes(root, "test", n, seed), easyvqa.SHORT_ANSWER)[:limit],
+        generated_scenes(root, "test", n, seed), easyvqa.SHORT_ANSWER)[:limit],
 }
 
 

@@ -6,10 +6,10 @@ Training on the base model's own greedy answers to general prompts (self-distill
 place of the ShareGPT text that LLaVA mixes in, which is not available offline) keeps its
 chat style and knowledge while the adapter learns to see.
 
-    python -m data.general_replay            # regenerate data/general_chat/replay.json
+    python -m llava_lite.data.general_replay            # regenerate data/general_chat/replay.json
 
 The prompts (`data/general_chat/replay_prompts.json`) share no question with the 20
-held-out general-chat questions that `train.general_chat` scores.
+held-out general-chat questions that `llava_lite.eval.general_chat` scores.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-FOLDER = Path(__file__).resolve().parent / "general_chat"
+from llava_lite.general_chat import FOLDER
+
 PROMPTS = FOLDER / "replay_prompts.json"
 REPLAY = FOLDER / "replay.json"
 
@@ -27,7 +28,7 @@ REPLAY = FOLDER / "replay.json"
 def load_replay(path: Path = REPLAY) -> list[dict[str, Any]]:
     """The committed replay rows (LLaVA format, text only)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: replay set missing; build it with `python -m data.general_replay`")
+        raise FileNotFoundError(f"{path}: replay set missing; build it with `python -m llava_lite.data.general_replay`")
     return json.loads(path.read_text())
 
 

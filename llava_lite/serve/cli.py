@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from serve.limits import ServeLimits
+from llava_lite.serve.limits import ServeLimits
 
 
 def _load(args):
@@ -15,8 +15,8 @@ def _load(args):
 
 
 def cmd_serve(args) -> int:
-    from serve.engine import ChatEngine
-    from serve.server import launch
+    from llava_lite.serve.engine import ChatEngine
+    from llava_lite.serve.server import launch
 
     limits = ServeLimits(**{f.name: getattr(args, f.name) for f in fields(ServeLimits)})
     engine = ChatEngine(_load(args), limits)
@@ -25,7 +25,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from serve.terminal import TerminalChat
+    from llava_lite.serve.terminal import TerminalChat
 
     return TerminalChat(_load(args), image=args.image, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature).run()

@@ -1,6 +1,6 @@
 """Does visual training keep the LLM's general chat? Text-only questions, base vs trained.
 
-    python -m train.general_chat --model llava_lite/assets/demo-model --out runs/general_chat.md
+    python -m llava_lite.eval.general_chat --model llava_lite/assets/demo-model --out runs/general_chat.md
 
 Each question carries expected keywords, so the comparison is checkable; both sets of
 answers are written side by side for a person to read.
@@ -13,7 +13,14 @@ import json
 import re
 from pathlib import Path
 
-QUESTIONS = Path(__file__).resolve().parent.parent / "data" / "general_chat" / "questions.json"
+from llava_lite.general_chat import FOLDER
+
+QUESTIONS = FOLDER / "questions.json"
+
+
+def load_questions(path: Path = QUESTIONS) -> list[dict]:
+    """The held-out text-only questions, each with its expected keywords."""
+    return json.loads(path.read_text())
 
 
 def answer_all(lite, questions: list[dict], max_new_tokens: int) -> list[str]:
@@ -38,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=48)
     args = p.parse_args(argv)
     torch.set_num_threads(2)
-    questions = json.loads(QUESTIONS.read_text())
+    questions = load_questions()
     trained = LlavaLite.from_pretrained(args.model)
     trained_answers = answer_all(trained.merge_lora() if trained.config.lora.enabled else trained,
                                  questions, args.max_new_tokens)

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from serve.engine import ChatEngine, ChatRequest, GenerationStats, ServerBusyError, UserFacingError
+from llava_lite.serve.engine import ChatEngine, ChatRequest, GenerationStats, ServerBusyError, UserFacingError
 
 
 class ImagePolicy:

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from llava_lite.api import CAPTION_PROMPT
-from serve.engine import ChatEngine, ChatRequest, UserFacingError
-from serve.examples import chat_examples
-from serve.gradio_history import ERROR_MARK, history_to_request
+from llava_lite.serve.engine import ChatEngine, ChatRequest, UserFacingError
+from llava_lite.serve.examples import chat_examples
+from llava_lite.serve.gradio_history import ERROR_MARK, history_to_request
 
 EMPTY_MESSAGE = "Please type a message (and upload an image to ask about it)."
 

@@ -1,6 +1,6 @@
 """Soak test: N concurrent clients against `llava-lite serve` for M minutes.
 
-    python -m serve.soak --clients 8 --minutes 10 --out runs/soak
+    python -m llava_lite.serve.soak --clients 8 --minutes 10 --out runs/soak
 
 Starts its own server (or uses --url), mixes browser-API (gradio_client) and OpenAI-API
 requests over easy-VQA test images, then reports requests served, errors, p50/p95 latency
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/soak", help="report folder (default: runs/soak)")
     args = p.parse_args(argv)
 
-    from data.easyvqa import eval_items
+    from llava_lite.data.easyvqa import eval_items
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

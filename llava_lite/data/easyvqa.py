@@ -196,11 +196,12 @@ def build_conversations(split: str = "train", seed: int = 0, max_turns: int = 4)
 
 def eval_items(split: str = "test", limit: int | None = None, seed: int = 0) -> list[dict[str, str]]:
     """Single questions for exact-match evaluation: image, question (with the short-answer
-    instruction), answer and answer type. `limit` takes a seeded random sample."""
+    instruction), answer and answer type, and the dataset's own text (`raw`) for the other
+    prompt forms (`llava_lite.eval.prompt_forms`). `limit` takes a seeded random sample."""
     questions, paths = _load(split)
     items = [
         {"image": paths[image_id], "question": f"{SHORT_ANSWER}\n{_question(q)}", "answer": a,
-         "type": answer_type(a)}
+         "type": answer_type(a), "raw": q, "instruction": SHORT_ANSWER}
         for q, a, image_id in questions
     ]
     if limit is not None and limit < len(items):

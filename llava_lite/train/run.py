@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from llava_lite.config import ConfigError
-from train.loop import MODEL_DIR, STAGE_DONE, train_stage
-from train.recipe import STAGES, TrainRecipe
+from llava_lite.train.loop import MODEL_DIR, STAGE_DONE, train_stage
+from llava_lite.train.recipe import STAGES, TrainRecipe
 
 
 def stage_dir(output: Path, name: str) -> Path:

@@ -27,9 +27,9 @@ from llava_lite.feature_cache import tower_key
 from llava_lite.images import load_image
 from llava_lite.packaged import cache_dir
 from llava_lite.retrieval import retrieval_metrics
+from llava_lite.train.clip_recipe import ClipRecipe
+from llava_lite.train.plots import plot_loss
 from llava_lite.zero_shot import DEFAULT_TEMPLATES, class_embeddings
-from train.clip_recipe import ClipRecipe
-from train.plots import plot_loss
 
 ImageSource = Callable[[int], Image.Image]
 
@@ -79,8 +79,8 @@ class PairSet:
 
 
 def build_pairs(model: DualEncoder, recipe: ClipRecipe, progress: bool) -> tuple[PairSet, dict[str, int]]:
-    from data import fashion_mnist
-    from data.builders import build_train_set
+    from llava_lite.data import fashion_mnist
+    from llava_lite.data.builders import build_train_set
 
     root = cache_dir() / "data"
     pairs, counts = PairSet(), {}
@@ -219,7 +219,7 @@ def plot_confusions(panels: dict[str, np.ndarray], names: Sequence[str], path: P
 
 @torch.no_grad()
 def evaluate(model: DualEncoder, recipe: ClipRecipe, out: Path, progress: bool = True) -> dict[str, Any]:
-    from data import fashion_mnist
+    from llava_lite.data import fashion_mnist
 
     root = cache_dir() / "data"
     out.mkdir(parents=True, exist_ok=True)
@@ -266,7 +266,7 @@ def evaluate(model: DualEncoder, recipe: ClipRecipe, out: Path, progress: bool =
         results["held_out_classes"] = held
         results["test_images_heldout"] = len(test_idx)
     if recipe.retrieval_set == "easyvqa-test":
-        from data.easyvqa import caption_text, image_facts, image_paths
+        from llava_lite.data.easyvqa import caption_text, image_facts, image_paths
 
         facts, paths = image_facts("test"), image_paths("test")
         ids = sorted(facts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -11,12 +12,12 @@ from llava_lite.exact_match import evaluate_exact_match
 from llava_lite.llava_data import write_rows
 from llava_lite.packaged import cache_dir
 from llava_lite.quantize import BACKENDS
-from train.recipe import EvalSpec
+from llava_lite.train.recipe import EvalSpec
 
 
 def run_stage_eval(model, processor, specs: list[EvalSpec], out_dir: Path, progress: bool = True) -> dict[str, Any]:
     """Score the live model on each eval set; writes eval.json and per-question predictions."""
-    from data.builders import build_eval_set
+    from llava_lite.data.builders import build_eval_set
 
     if not specs:
         return {}
@@ -36,34 +37,38 @@ def run_stage_eval(model, processor, specs: list[EvalSpec], out_dir: Path, progr
 
 # -- `llava-lite eval` ------------------------------------------------------------------------
 EXACT_MATCH_TASKS = {"easyvqa": "easyvqa-test", "scenes": "scenes-test"}
-_TASK_NAMES = ("vqa", "caption", "pope", "alignment", "consistency")  # train/eval_tasks.py
+_TASK_NAMES = ("vqa", "caption", "pope", "alignment", "consistency")  # llava_lite/eval/tasks.py
 
 
-def write_reports(result: dict[str, Any], out_dir: Path, title: str) -> None:
-    """JSON summary, a markdown table and a bar chart of accuracy by answer type."""
-    import matplotlib
+def parse_forms(text: str) -> list[str]:
+    """`--forms trained,raw,natural` -> a list, each a known prompt form."""
+    from llava_lite.eval.prompt_forms import FORMS
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    forms = [f.strip() for f in text.split(",") if f.strip()]
+    unknown = [f for f in forms if f not in FORMS]
+    if unknown or not forms:
+        raise argparse.ArgumentTypeError(f"unknown prompt form(s) {unknown}; choose from {', '.join(FORMS)}")
+    return forms
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# {title}", "", "| answer type | accuracy | n |", "|---|---|---|"]
-    for kind, v in result["by_type"].items():
-        lines.append(f"| {kind} | {v['accuracy']:.2%} | {v['n']} |")
-    lines.append(f"| **all** | **{result['accuracy']:.2%}** | {result['n']} |")
-    (out_dir / "result.md").write_text("\n".join(lines) + "\n")
-    kinds = [*result["by_type"], "all"]
-    accs = [result["by_type"][k]["accuracy"] for k in result["by_type"]] + [result["accuracy"]]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    bars = ax.bar(kinds, [a * 100 for a in accs], color=["tab:blue"] * (len(kinds) - 1) + ["tab:green"])
-    ax.bar_label(bars, labels=[f"{a:.1%}" for a in accs], fontsize=8)
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("exact match (%)")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out_dir / "result.png")
-    plt.close(fig)
+
+def forms_line(task: str, forms: dict[str, Any]) -> str:
+    """One line per run: each form's accuracy, e.g. "easyvqa: trained 98.81%, natural 77.30%"."""
+    return f"{task}: " + ", ".join(f"{form} {r['accuracy']:.2%} (n={r['n']})" for form, r in forms.items())
+
+
+def _exact_match_task(lite: LlavaLite, args) -> tuple[dict[str, Any], dict[str, Any]]:
+    from llava_lite.data.builders import build_eval_set
+    from llava_lite.eval.prompt_forms import evaluate_forms, forms_table
+
+    set_args: dict[str, Any] = {"limit": args.limit}
+    if args.task == "scenes":
+        set_args["n"] = args.scenes
+    items = build_eval_set(EXACT_MATCH_TASKS[args.task], cache_dir() / "data", **set_args)
+    result = evaluate_forms(lite, items, args.forms, max_new_tokens=args.max_new_tokens)
+    # the first form's figures stay at the top level, where earlier reports had them
+    first = result["forms"][args.forms[0]]
+    result.update(accuracy=first["accuracy"], n=first["n"], by_type=first["by_type"])
+    return result, forms_table(result["forms"])
 
 
 def cmd_eval(args) -> int:
@@ -71,7 +76,7 @@ def cmd_eval(args) -> int:
 
     import torch
 
-    from train.eval_tasks import TASKS, write_table_report
+    from llava_lite.eval.tasks import TASKS, write_table_report
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,35 +87,19 @@ def cmd_eval(args) -> int:
             lite.merge_lora()  # same function, twice the decode speed
     out = Path(args.out or f"runs/eval/{args.task}")
     t0 = time.perf_counter()
-    if args.task in TASKS:
-        result, table = TASKS[args.task](lite, args)
-        seconds = time.perf_counter() - t0
-        preds = result.pop("predictions", None)
-        result.update(task=args.task, model=str(args.stages or (lite.source if lite else "")),
-                      quantization=lite.quantization if lite else "none", seconds=round(seconds, 1))
-        write_table_report(out, f"{args.task}: {result['model']}", table, result,
-                           percent=args.task not in ("caption",))
-        if preds is not None:
-            write_rows(preds, out / "predictions.jsonl")
-        print((out / "result.md").read_text())
-        print(f"{args.task}: {seconds:.0f}s -> {out}")
-        return 0
-    from data.builders import build_eval_set
-
-    set_args: dict[str, Any] = {"limit": args.limit}
-    if args.task == "scenes":
-        set_args["n"] = args.scenes
-    items = build_eval_set(EXACT_MATCH_TASKS[args.task], cache_dir() / "data", **set_args)
-    result = evaluate_exact_match(lite, items, max_new_tokens=args.max_new_tokens)
+    task = TASKS.get(args.task, _exact_match_task)
+    result, table = task(lite, args)
     seconds = time.perf_counter() - t0
-    preds = result.pop("predictions")
-    result.update(task=args.task, model=lite.source, quantization=lite.quantization, seconds=round(seconds, 1),
-                  questions_per_s=round(len(items) / seconds, 2))
-    write_reports(result, out, f"{args.task}: {lite.source}")
-    write_rows(preds, out / "predictions.jsonl")
-    by_type = ", ".join(f"{k} {v['accuracy']:.2%} (n={v['n']})" for k, v in result["by_type"].items())
-    print(f"{args.task}: {result['accuracy']:.2%} exact match on {result['n']} questions ({by_type}); "
-          f"{seconds:.0f}s, {result['questions_per_s']} q/s -> {out}")
+    preds = result.pop("predictions", None)
+    result.update(task=args.task, model=str(args.stages or (lite.source if lite else "")),
+                  quantization=lite.quantization if lite else "none", seconds=round(seconds, 1))
+    write_table_report(out, f"{args.task}: {result['model']}", table, result, percent=args.task not in ("caption",))
+    if preds is not None:
+        write_rows(preds, out / "predictions.jsonl")
+    print((out / "result.md").read_text())
+    if "forms" in result:
+        print(forms_line(args.task, result["forms"]))
+    print(f"{args.task}: {seconds:.0f}s -> {out}")
     return 0
 
 
@@ -119,7 +108,9 @@ def register(sub) -> None:
         "eval", help="evaluate a model: easyvqa, scenes, vqa, caption, pope, alignment, consistency",
         description="Tasks: easyvqa/scenes (exact match by answer type); vqa (VQAv2 soft accuracy on "
                     "--questions); caption (BLEU-1..4, CIDEr-D on --captions COCO json or the generator's "
-                    "held-out scenes); pope (yes/no existence probes, random/popular/adversarial negatives); "
+                    "held-out scenes, plus CHAIR hallucination scores on scenes); pope (yes/no existence "
+                    "probes, random/popular/adversarial negatives); easyvqa, scenes, vqa and pope score each "
+                    "question in three prompt forms (--forms) side by side; "
                     "alignment (image-text R@K per stage with --stages RUN); consistency (agreement of "
                     "sampled captions). Writes result.json, result.md, result.png and predictions.jsonl.")
     p.add_argument("--model", default=None, help="checkpoint (default: the built-in model)")
@@ -130,7 +121,14 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="report folder (default: runs/eval/TASK)")
     p.add_argument("--quantize", default="none", choices=["none", "8bit", "4bit", *BACKENDS],
                    help="LLM quantization: 8bit, 4bit or a named backend (default: none)")
-    p.add_argument("--max-new-tokens", type=int, default=6, help="answer length cap (default: 6)")
+    p.add_argument("--max-new-tokens", type=int, default=6,
+                   help="answer length cap in the trained and raw forms (default: 6; natural: 32)")
+    p.add_argument("--forms", type=parse_forms, default=["trained", "raw", "natural"],
+                   help="easyvqa/scenes/vqa/pope: prompt forms, comma-separated: trained (the instruction and the "
+                        "question as trained), raw (the instruction and the lowercase question), natural (the "
+                        "question alone, the answer read off the reply) (default: all three)")
+    p.add_argument("--instruction", default=None,
+                   help="vqa/pope: the answer-format instruction of the trained form (default: the demo's)")
     p.add_argument("--no-merge", action="store_true", help="keep the LoRA adapter unmerged")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--questions", default=None, help="vqa: JSON/JSONL rows with image, question, answers")

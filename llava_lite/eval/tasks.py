@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from llava_lite.api import LlavaLite
 from llava_lite.caption_metrics import bleu, cider_d, tokenize
+from llava_lite.chair import chair_scores
 from llava_lite.exact_match import answer_items
 from llava_lite.pope import STRATEGIES, build_probes, pope_metrics
 from llava_lite.retrieval import retrieval_metrics
@@ -95,21 +96,29 @@ def load_vqa_items(path: str | Path, image_root: str | Path | None = None) -> li
     return items
 
 
+def with_forms(items: list[dict[str, Any]], instruction: str) -> list[dict[str, Any]]:
+    """Items whose `question` is the bare question, given the fields of the three prompt forms:
+    `raw` (the question as written) and the trained form (the instruction, then the question
+    capitalised)."""
+    return [{**it, "raw": it["question"], "instruction": instruction,
+             "question": f"{instruction}\n{it['question'][:1].upper()}{it['question'][1:]}"} for it in items]
+
+
 def task_vqa(lite: LlavaLite, args) -> tuple[dict, dict]:
+    from llava_lite.data.easyvqa import SHORT_ANSWER
+    from llava_lite.eval.prompt_forms import evaluate_forms, forms_table
+
     if not args.questions:
         raise ValueError("--task vqa needs --questions FILE (JSON/JSONL with image, question, answers)")
     items = load_vqa_items(args.questions, args.image_root)
     if args.limit:
         items = random.Random(0).sample(items, min(args.limit, len(items)))
-    preds = answer_items(lite, items, args.max_new_tokens, desc="vqa")
-    scores = [vqa_accuracy(p, it["answers"]) for p, it in zip(preds, items, strict=True)]
-    by_type: dict[str, list[float]] = defaultdict(list)
-    for s, it in zip(scores, items, strict=True):
-        by_type[it["type"]].append(s)
-    table = {k: {"vqa accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_type.items())}
-    table["all"] = {"vqa accuracy": sum(scores) / len(scores), "n": len(scores)}
-    predictions = [{**it, "prediction": p, "score": s} for it, p, s in zip(items, preds, scores, strict=True)]
-    return {"accuracy": table["all"]["vqa accuracy"], "n": len(items), "predictions": predictions}, table
+    items = with_forms(items, args.instruction or SHORT_ANSWER)
+    result = evaluate_forms(lite, items, args.forms, args.max_new_tokens,
+                            score=lambda answer, it: vqa_accuracy(answer, it["answers"]))
+    first = result["forms"][args.forms[0]]
+    result.update(accuracy=first["accuracy"], n=first["n"])
+    return result, forms_table(result["forms"])
 
 
 # -- caption ----------------------------------------------------------------------------
@@ -131,12 +140,27 @@ def load_coco_captions(path: str | Path, image_root: str | Path | None) -> dict[
     return dict(refs)
 
 
-def scenes_references(n: int) -> dict[str, list[str]]:
-    from data.builders import _scenes
-    from data.scenes import _objects, caption
+def held_out_scenes(n: int) -> list[dict[str, Any]]:
+    """The generator's first `n` held-out (test split) scenes."""
+    from llava_lite.data.builders import generated_scenes
     from llava_lite.packaged import cache_dir
 
-    return {s["image"]: [caption(_objects(s))] for s in _scenes(cache_dir() / "data", "test", n, 0)}
+    return generated_scenes(cache_dir() / "data", "test", n, 0)
+
+
+def scenes_references(n: int) -> dict[str, list[str]]:
+    from llava_lite.data.scenes import caption, scene_objects
+
+    return {s["image"]: [caption(scene_objects(s))] for s in held_out_scenes(n)}
+
+
+def scenes_chair(hyps: dict[str, str], n: int) -> dict[str, float]:
+    """CHAIR scores of captions of the held-out scenes, against each scene's objects."""
+    from llava_lite.data.scenes import COLORS, OBJECT_WORDS
+
+    objects = {s["image"]: [(o["color"], o["shape"]) for o in s["objects"]] for s in held_out_scenes(n)}
+    images = sorted(hyps)
+    return chair_scores([hyps[k] for k in images], [objects[k] for k in images], OBJECT_WORDS, set(COLORS))
 
 
 def task_caption(lite: LlavaLite, args) -> tuple[dict, dict]:
@@ -153,22 +177,23 @@ def task_caption(lite: LlavaLite, args) -> tuple[dict, dict]:
     b = bleu(hyps, refs)
     scores = {f"BLEU-{k + 1}": b[k] for k in range(4)} | {"CIDEr-D": cider_d(hyps, refs)}
     source = args.captions or f"scene generator held-out split ({len(images)} scenes)"
+    table = {"captions": dict(scores)}
+    if not args.captions:  # object annotations are known only for generated scenes
+        chair = scenes_chair(hyps, args.scenes)
+        scores |= chair
+        table["hallucination (CHAIR)"] = {k: chair[k] for k in ("CHAIR-i", "CHAIR-s", "recall")}
     result = {**scores, "n": len(images), "source": source, "prompt": args.prompt or CAPTION_PROMPT,
               "not_computed": "METEOR and SPICE (their reference implementations need Java)",
               "predictions": [{"image": k, "caption": hyps[k], "references": refs[k]} for k in images]}
-    return result, {"captions": scores}
+    return result, table
 
 
 # -- pope -------------------------------------------------------------------------------
 def pope_objects(source: str, n: int) -> dict[str, set[str]]:
     """Objects per image ("red circle") from the generator's or easy-VQA's test annotations."""
     if source == "scenes":
-        from data.builders import _scenes
-        from llava_lite.packaged import cache_dir
-
-        return {s["image"]: {f"{o['color']} {o['shape']}" for o in s["objects"]}
-                for s in _scenes(cache_dir() / "data", "test", n, 0)}
-    from data.easyvqa import image_facts, image_paths
+        return {s["image"]: {f"{o['color']} {o['shape']}" for o in s["objects"]} for s in held_out_scenes(n)}
+    from llava_lite.data.easyvqa import image_facts, image_paths
 
     facts, paths = image_facts("test"), image_paths("test")
     chosen = sorted(facts)[:n]
@@ -177,20 +202,30 @@ def pope_objects(source: str, n: int) -> dict[str, set[str]]:
 
 
 def task_pope(lite: LlavaLite, args) -> tuple[dict, dict]:
-    from data.easyvqa import SHORT_ANSWER
+    """Existence probes on scenes and easy-VQA, each strategy in each prompt form; replies are
+    read the POPE way (`parse_yes_no`), so the natural form needs no extractor."""
+    from llava_lite.data.easyvqa import SHORT_ANSWER
+    from llava_lite.eval.prompt_forms import NATURAL_MAX_NEW_TOKENS, phrase
 
     table, result = {}, {"predictions": []}
     for source in ("scenes", "easyvqa"):
         objects = pope_objects(source, args.scenes if source == "scenes" else args.limit or 500)
         for strategy in STRATEGIES:
-            probes = build_probes(objects, strategy, per_image=3, seed=0,
-                                  template=SHORT_ANSWER + "\nIs there a {} in the image?")
-            preds = answer_items(lite, probes, 4, desc=f"pope {source}/{strategy}")
-            m = pope_metrics(preds, [p["answer"] for p in probes])
-            table[f"{source} {strategy}"] = {k: m[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
-            result[f"{source}/{strategy}"] = m
-            result["predictions"] += [{**p, "prediction": a, "set": f"{source}/{strategy}"}
-                                      for p, a in zip(probes, preds, strict=True)]
+            probes = with_forms(build_probes(objects, strategy, per_image=3, seed=0,
+                                             template="is there a {} in the image?"),
+                                args.instruction or SHORT_ANSWER)
+            result[f"{source}/{strategy}"] = {}
+            for form in args.forms:
+                asked = [{**p, "question": phrase(p, form)} for p in probes]
+                tokens = NATURAL_MAX_NEW_TOKENS if form == "natural" else 4
+                preds = answer_items(lite, asked, tokens, desc=f"pope {source}/{strategy}/{form}")
+                m = pope_metrics(preds, [p["answer"] for p in probes])
+                table[f"{source} {strategy} ({form})"] = {
+                    k: m[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
+                result[f"{source}/{strategy}"][form] = m
+                result["predictions"] += [{**p, "question": q["question"], "prediction": a,
+                                           "set": f"{source}/{strategy}", "form": form}
+                                          for p, q, a in zip(probes, asked, preds, strict=True)]
     return result, table
 
 

@@ -20,7 +20,7 @@ from transformers import StoppingCriteria
 from llava_lite import LlavaLite
 from llava_lite.images import ImageInput, ImageLoadError, load_image
 from llava_lite.prompting import ConversationError, SequenceTooLongError
-from serve.limits import ServeLimits
+from llava_lite.serve.limits import ServeLimits
 
 log = logging.getLogger("llava_lite.serve")
 

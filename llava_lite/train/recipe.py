@@ -14,7 +14,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 @dataclass
 class DataSpec:
-    """One training source: a named builder from `data.builders` or a LLaVA JSON/JSONL file
+    """One training source: a named builder from `llava_lite.data.builders` or a LLaVA JSON/JSONL file
     (or `datasets.save_to_disk` folder) with its image root."""
 
     name: str | None = None
@@ -26,7 +26,7 @@ class DataSpec:
 
 @dataclass
 class EvalSpec:
-    """An exact-match evaluation set from `data.builders.EVAL_SETS`, run at a stage's end."""
+    """An exact-match evaluation set from `llava_lite.data.builders.EVAL_SETS`, run at a stage's end."""
 
     name: str = "easyvqa-test"
     args: dict[str, Any] = field(default_factory=dict)
@@ -39,7 +39,7 @@ class StageConfig:
     micro-batches of `micro_batch_size` and gradients accumulate over the rest.
 
     `pack_shared_prefix` packs rows about the same image (up to `max_pack`) into one sequence
-    that holds their shared prefix once (see `train.packing`); batch sizes then count packs.
+    that holds their shared prefix once (see `llava_lite.train.packing`); batch sizes then count packs.
     """
 
     data: list[DataSpec] = field(default_factory=list)

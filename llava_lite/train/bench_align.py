@@ -1,6 +1,6 @@
 """Align-stage step time with cached tower features vs recomputing the tower every step.
 
-    python -m train.bench_align --recipe demo --steps 8
+    python -m llava_lite.train.bench_align --recipe demo --steps 8
 
 Runs the recipe's align stage twice for a few steps (same data, same batches) and prints the
 median step time of each; the first steps are dropped as warm-up. Prints numbers, asserts
@@ -22,9 +22,9 @@ def _median_step(metrics: Path, skip: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.recipe import apply_overrides
-    from train.recipes import get_recipe
-    from train.run import run_recipe
+    from llava_lite.recipes import get_recipe
+    from llava_lite.train.recipe import apply_overrides
+    from llava_lite.train.run import run_recipe
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="demo")

@@ -25,10 +25,10 @@ from llava_lite.llava_data import DataValidationError, encode_rows, load_rows
 from llava_lite.lora import add_lora, is_peft
 from llava_lite.packaged import cache_dir
 from llava_lite.prompting import IGNORE_INDEX
-from train.batching import BatchSchedule, shard
-from train.packing import Pack, pack_attention, pack_rows, single
-from train.recipe import StageConfig, TrainRecipe
-from train.state import clean_partial, latest_checkpoint, load_train_state, save_train_state
+from llava_lite.train.batching import BatchSchedule, shard
+from llava_lite.train.packing import Pack, pack_attention, pack_rows, single
+from llava_lite.train.recipe import StageConfig, TrainRecipe
+from llava_lite.train.state import clean_partial, latest_checkpoint, load_train_state, save_train_state
 
 METRICS = "metrics.jsonl"
 STAGE_DONE = "stage.json"
@@ -81,7 +81,7 @@ class StageData:
 def load_stage_data(recipe: TrainRecipe, stage: StageConfig, processor, progress: bool = True) -> StageData:
     """Read, validate and tokenize every source before any step; all problems are reported
     together as file:index (or dropped and counted with skip_bad)."""
-    from data.builders import build_train_set
+    from llava_lite.data.builders import build_train_set
 
     data_root = cache_dir() / "data"
     rows, problems, total = [], [], 0
@@ -368,8 +368,8 @@ def train_stage(
     if main:
         unwrapped.model.eval()
         save_checkpoint(unwrapped.model, out / MODEL_DIR)
-        from train.evaluate import run_stage_eval
-        from train.plots import plot_loss
+        from llava_lite.eval.evaluate import run_stage_eval
+        from llava_lite.train.plots import plot_loss
 
         plot_loss(metrics_path, out / "loss.png", title=f"{recipe.name}: {stage_name}")
         t_eval = time.perf_counter()

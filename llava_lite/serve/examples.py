@@ -19,7 +19,7 @@ def _photo() -> list[dict]:
 
 def _easyvqa() -> list[dict]:
     try:
-        from data.easyvqa import SHORT_ANSWER, image_paths
+        from llava_lite.data.easyvqa import SHORT_ANSWER, image_paths
     except ImportError:  # easy-VQA is optional for serving
         return []
     paths = image_paths("test")
@@ -32,7 +32,7 @@ def _easyvqa() -> list[dict]:
 
 def _scene(cache_dir: Path) -> list[dict]:
     try:
-        from data.scenes import caption, make_scene, render
+        from llava_lite.data.scenes import caption, make_scene, render
     except ImportError:
         return []
     path = cache_dir / "scene-example.png"
