@@ -158,6 +158,18 @@ class LlavaLite:
                 self.image_cache.put(keys[i], embeds[row])
         return torch.stack([found[i] for i in range(len(pil))]), keys
 
+    @torch.no_grad()
+    def describe_evidence(self, image: ImageInput, k: int = 5) -> list[tuple[str, float]] | None:
+        """What the tower's own classifier head sees in `image`: its top `k` classes with their
+        probabilities, e.g. [("Egyptian Mau", 0.76), ("tabby cat", 0.11), ...]; None for a
+        tower without a head (CLIP)."""
+        tower = self.model.vision_tower
+        if tower.class_names is None:
+            return None
+        pixels = self.processor.image_preprocess([load_image(image)]).to(tower.device)
+        top = tower.class_probs(tower(pixels))[0].topk(min(k, len(tower.class_names)))
+        return [(tower.class_names[i], round(float(p), 4)) for p, i in zip(top.values, top.indices, strict=True)]
+
     # -- generation ------------------------------------------------------------------
     def _gen_kwargs(self, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                     do_sample: bool | None = None, **extra) -> dict[str, Any]:

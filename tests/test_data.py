@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -63,6 +64,41 @@ def test_easyvqa_colour_and_presence_rows_come_from_training_annotations():
         assert answer == ("no" if negated else "yes") and row["image"] not in test_images
 
 
+def test_plain_rows_vary_the_surface_and_answer_in_sentences():
+    from llava_lite.data.surface import SHORT_ANSWER
+
+    facts = easyvqa.image_facts("train")
+    rows = easyvqa.build_vqa("train", plain=0.4)
+    assert rows == easyvqa.build_vqa("train", plain=0.4)  # deterministic
+    plain = [r for r in rows if SHORT_ANSWER not in r["conversations"][0]["value"]]
+    assert 0.2 < len(plain) / len(rows) < 0.4  # 0.4 of the questions that are not negated
+    assert {r["conversations"][0]["value"][8:9].isupper() for r in plain} == {True, False}  # both cases
+    assert any(not r["conversations"][0]["value"].endswith("?") for r in plain)
+    for row in plain:
+        question, answer = (t["value"] for t in row["conversations"])
+        assert not easyvqa.is_negated(question), question  # negated questions keep the instruction
+        assert answer.endswith(".") and len(answer.split()) >= 2  # a sentence, not one word
+        f = facts.get(int(Path(row["image"]).stem), {})
+        if "colo" in question.lower() and "color" in f:
+            assert f["color"] in answer
+    for row in rows:
+        question, answer = (t["value"] for t in row["conversations"])
+        if SHORT_ANSWER in question:
+            assert len(answer.split()) == 1  # with the instruction: one word
+
+
+def test_colour_and_shape_pairs_are_balanced_and_true():
+    facts = easyvqa.image_facts("train")
+    rows = [r for r in easyvqa.build_presence("train", pairs=True) if "-pair-" in r["id"]]
+    answers = [r["conversations"][1]["value"] for r in rows]
+    # one yes and one no for every image whose colour and shape the annotations both give
+    assert answers.count("yes") == answers.count("no") == sum("color" in f and "shape" in f for f in facts.values())
+    for row in rows:
+        question, answer = (t["value"] for t in row["conversations"])
+        f = facts[int(Path(row["image"]).stem)]
+        assert (f"{f['color']} {f['shape']}" in question) == (answer == "yes"), question
+
+
 # -- procedural scenes ------------------------------------------------------------------
 def test_scenes_are_deterministic_and_answers_match_objects(tmp_path):
     a = scenes.generate("train", 20, tmp_path / "a", seed=3)
@@ -89,6 +125,38 @@ def test_scene_image_shows_the_objects_colours(tmp_path):
     found = {rgb for _, rgb in img.getcolors(1 << 16)}
     for obj in scene["objects"]:
         assert scenes.COLORS[obj["color"]] in found
+
+
+def test_scene_presence_probes_are_balanced_and_true(tmp_path):
+    from llava_lite.data.surface import SHORT_ANSWER
+
+    generated = scenes.generate("train", 30, tmp_path, seed=0)
+    rows = scenes.to_vqa(generated, SHORT_ANSWER, plain=0.5, presence=2)
+    base = scenes.to_vqa(generated, SHORT_ANSWER)
+    assert len(rows) == len(base) + 4 * len(generated)
+    by_image = {s["image"]: {(o["color"], o["shape"]) for o in s["objects"]} for s in generated}
+    probes = [r for r in rows if "there a" in r["conversations"][0]["value"].lower()
+              and "left" not in r["conversations"][0]["value"]]
+    yes = no = 0
+    for row in probes:
+        question, answer = (t["value"] for t in row["conversations"])
+        color, shape = re.search(r"(\w+) (circle|square|triangle)", question.lower()).groups()
+        present = (color, shape) in by_image[row["image"]]
+        assert answer.lower().startswith("yes" if present else "no"), (question, answer)
+        yes, no = yes + present, no + (not present)
+    assert abs(yes - no) <= len(generated) // 2
+
+
+def test_no_held_out_scene_is_a_training_image(tmp_path):
+    """The demo recipe's training scenes and the 200 held-out test scenes share no image."""
+    from llava_lite.recipes import get_recipe
+
+    n_train = max(spec.args.get("n", 0) for stage in ("align", "adapter", "instruct")
+                  for spec in getattr(get_recipe("demo"), stage).data if spec.name and spec.name.startswith("scenes"))
+    digest = lambda s: hashlib.sha1(Path(s["image"]).read_bytes()).hexdigest()  # noqa: E731
+    train = {digest(s) for s in scenes.generate("train", n_train, tmp_path, seed=0)}
+    test = {digest(s) for s in scenes.generate("test", 200, tmp_path, seed=0)}
+    assert n_train >= 1000 and not train & test
 
 
 # -- general-chat replay -------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import prompt_inputs
@@ -228,6 +230,35 @@ def test_efficientnet_concat_blocks_widens_every_token_with_pooled_block_feature
     assert torch.allclose(feats[:, 0], feats[:, 1:].mean(1), atol=1e-5)
     with pytest.raises(ConfigError, match=r"concat_blocks=\[16\].*blocks 0-15"):
         EfficientNetLite0Tower(pretrained=False, concat_blocks=[16])
+
+
+def test_efficientnet_class_probs_equal_its_imagenet_head_on_a_real_photo():
+    import matplotlib
+    from PIL import Image
+
+    from llava_lite.vision.efficientnet import EfficientNetLite0Tower
+
+    tower = EfficientNetLite0Tower(pretrained=True, strategy="cls_patch", concat_blocks=[5])
+    assert len(tower.class_names) == 1000 and tower.class_names[285] == "Egyptian Mau"
+    photo = Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").convert("RGB")
+    pixels = tower.preprocess([photo])
+    probs = tower.class_probs(tower(pixels))  # from the tower's (cacheable) features
+    reference = tower.net(pixels).softmax(-1)  # the library's own classifier forward
+    assert probs.shape == (1, 1000) and torch.allclose(probs, reference, atol=1e-5)
+    assert tower.class_names[int(probs.argmax())] == "military uniform"
+
+
+def test_describe_evidence_names_the_towers_top_classes(tiny_lite, tiny_config, images):
+    from llava_lite import LlavaLite
+    from llava_lite.config import VisionConfig
+
+    assert tiny_lite().describe_evidence(images[0]) is None  # a CLIP tower has no classifier head
+    config = tiny_config()
+    config.vision = VisionConfig(name="efficientnet-lite0")
+    lite = LlavaLite.from_config(config)
+    top = lite.describe_evidence(images[0], k=3)
+    assert len(top) == 3 and all(name in lite.model.vision_tower.class_names for name, _ in top)
+    assert top[0][1] >= top[1][1] >= top[2][1] > 0 and sum(p for _, p in top) <= 1.0001
 
 
 def test_clip_tower_rejects_concat_blocks():

@@ -40,6 +40,7 @@ def test_the_wheel_installs_llava_lite_and_no_other_top_level_package(installed)
     missing = [str(p) for p in sources if not (package / p).is_file()]
     assert not missing
     assert (package / "assets" / "demo-model" / "projector.safetensors").is_file()
+    assert len((package / "assets" / "imagenet_classes.txt").read_text().splitlines()) == 1000
 
 
 def test_the_installed_package_finds_its_recipes_and_question_sets(installed):

@@ -92,3 +92,49 @@ def test_chair_scores_on_constructed_captions():
     assert chair_scores(["Nothing here."], [[("red", "circle")]], OBJECTS, COLORS)["recall"] == 0.0
     with pytest.raises(ValueError, match="2 captions for 1 images"):
         chair_scores(["a", "b"], [[]], OBJECTS, COLORS)
+
+
+def test_natural_replies_are_read_among_the_answers_of_the_questions_type():
+    from llava_lite.eval.prompt_forms import answer_vocabulary, read_reply
+
+    items = [{"question": "q", "raw": "what shape is at the top left?", "answer": "circle", "type": "shape"},
+             {"question": "q", "raw": "what color is the square?", "answer": "red", "type": "color"}]
+    vocab = answer_vocabulary(items)
+    assert vocab == {"shape": {"circle"}, "color": {"red"}}
+    # colour and shape both appear; the question's type decides which is the answer
+    assert read_reply("There is a small red circle at the top left.", items[0], "natural", vocab) == "circle"
+    assert read_reply("The square is red, next to a circle.", items[1], "natural", vocab) == "red"
+    assert read_reply("Circle", items[0], "trained", vocab) == "Circle"  # other forms: exact match
+
+
+# -- real photos: named, abstained, invented --------------------------------------------------
+def test_photo_scorer_on_constructed_replies():
+    from llava_lite.eval.photos import PHOTOS, score_reply, summarize_photos
+
+    cat = next(p for p in PHOTOS if p.name == "chelsea")
+    hopper = next(p for p in PHOTOS if p.name == "grace_hopper")
+    assert score_reply("A majestic cat.", cat) == {"named": True, "abstained": False, "invented": False,
+                                                   "named_words": ["cat"], "invented_words": []}
+    invented = score_reply("a woman named Sarah. She is wearing a red dress", cat)
+    assert invented["invented"] and not invented["named"] and invented["invented_words"] == ["dress", "woman"]
+    assert score_reply("A bird of prey.", cat)["invented_words"] == ["bird"]
+    assert score_reply("This looks like an Egyptian Mau.", cat)["named"]  # a right ImageNet class
+    assert score_reply("Two red circles on a white background.", cat)["invented_words"] == ["circle"]
+    unsure = score_reply("I can't tell what this is; it might be a tabby cat.", cat)
+    assert unsure["abstained"] and unsure["named"] and not unsure["invented"]
+    # a person is in this photo: people words are not invented, and "uniform" names the subject
+    assert score_reply("A woman in a military uniform.", hopper) == {
+        "named": True, "abstained": False, "invented": False,
+        "named_words": ["military", "military uniform", "uniform", "woman"],
+        "invented_words": []}
+    rows = [score_reply(r, cat) for r in ("A cat.", "Not sure.", "A man.", "A picture.")]
+    s = summarize_photos(rows)
+    assert s == {"named": 0.25, "abstained": 0.25, "invented": 0.25, "neither named nor abstained": 0.5, "n": 4}
+
+
+def test_every_photo_ships_in_a_wheel():
+    from llava_lite.eval.photos import PHOTOS, photo_path
+
+    assert len(PHOTOS) >= 15
+    for photo in PHOTOS:
+        assert photo_path(photo).stat().st_size > 1000

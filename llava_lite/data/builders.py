@@ -16,7 +16,7 @@ from llava_lite.data import easyvqa, general_replay, scenes
 from llava_lite.llava_data import write_rows
 
 # Bumped whenever a builder's output changes, so files built by older code are not reused.
-BUILD_VERSION = 3
+BUILD_VERSION = 4
 TrainBuilder = Callable[..., list[dict[str, Any]]]
 EvalBuilder = Callable[..., list[dict[str, str]]]
 
@@ -37,15 +37,14 @@ def _repeated(rows: list[dict[str, Any]], repeat: int) -> list[dict[str, Any]]:
 
 TRAIN_SETS: dict[str, TrainBuilder] = {
     "easyvqa-captions": lambda root, seed=0, **kw: easyvqa.build_captions("train", seed=seed),
-    "easyvqa-vqa": lambda root, seed=0: easyvqa.build_vqa("train", seed=seed),
-    "easyvqa-presence": lambda root, seed=0, per_image=4: easyvqa.build_presence("train", seed=seed,
-                                                                                  per_image=per_image),
-    "easyvqa-colors": lambda root, seed=0, per_image=2: easyvqa.build_colors("train", seed=seed, per_image=per_image),
+    "easyvqa-vqa": lambda root, seed=0, **kw: easyvqa.build_vqa("train", seed=seed, **kw),
+    "easyvqa-presence": lambda root, seed=0, **kw: easyvqa.build_presence("train", seed=seed, **kw),
+    "easyvqa-colors": lambda root, seed=0, **kw: easyvqa.build_colors("train", seed=seed, **kw),
     "easyvqa-conversations": lambda root, seed=0, **kw: easyvqa.build_conversations("train", seed=seed, **kw),
     "scenes-captions": lambda root, n=1000, seed=0: scenes.to_captions(
         generated_scenes(root, "train", n, seed), easyvqa.CAPTION_PROMPTS),
-    "scenes-vqa": lambda root, n=1000, seed=0: scenes.to_vqa(
-        generated_scenes(root, "train", n, seed), easyvqa.SHORT_ANSWER),
+    "scenes-vqa": lambda root, n=1000, seed=0, **kw: scenes.to_vqa(
+        generated_scenes(root, "train", n, seed), easyvqa.SHORT_ANSWER, seed=seed, **kw),
     "scenes-dialogues": lambda root, n=1000, seed=0, **kw: scenes.to_dialogues(
         generated_scenes(root, "train", n, seed), easyvqa.CAPTION_PROMPTS, **kw),
     "general-replay": lambda root, repeat=1: _repeated(general_replay.load_replay(), repeat),

@@ -10,11 +10,14 @@
 from __future__ import annotations
 
 import random
+import re
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SHORT_ANSWER = "Answer each question with a single word."
+from llava_lite.data.surface import SHORT_ANSWER, ask
+
 CAPTION_PROMPTS = [
     "Describe the image briefly.",
     "What is in this picture?",
@@ -65,14 +68,26 @@ def _question(q: str) -> str:
     return q[0].upper() + q[1:]
 
 
+_TARGET = re.compile(r"\b(?:a|an|any|no) ((?:\w+ )?(?:shape|circle|rectangle|triangle))\b")
+
+
 def _sentence(q: str, a: str, facts: dict[str, str]) -> str:
-    """A full-sentence answer for instruct-style dialogues."""
+    """A full-sentence answer, for dialogues and plainly asked questions."""
     kind = answer_type(a)
     if kind == "shape":
         return f"The image shows a {facts.get('color', '')} {a}.".replace("  ", " ")
     if kind == "color":
         return f"The {facts.get('shape', 'shape')} is {a}."
-    return "Yes." if a == "yes" else "No."
+    target = _TARGET.search(q.lower())
+    if target is None or is_negated(q):
+        return "Yes." if a == "yes" else "No."
+    return f"Yes, there is a {target[1]}." if a == "yes" else f"No, there is no {target[1]}."
+
+
+def is_negated(q: str) -> bool:
+    """easy-VQA's negated questions ("is there not a circle?", "is no red shape present?"),
+    whose yes/no convention is the dataset's own: they are always asked with the instruction."""
+    return bool({"not", "no"} & set(re.findall(r"\w+", q.lower())))
 
 
 def caption_text(facts: dict[str, str]) -> str:
@@ -104,21 +119,38 @@ def _by_image(questions: list[tuple[str, str, int]]) -> dict[int, list[tuple[str
     return grouped
 
 
-def _short_answer_row(row_id: str, image: str, question: str, answer: str) -> dict[str, Any]:
-    """A single-question LLaVA row asked the way evaluation asks (`eval_items`)."""
+def _short_answer_row(row_id: str, image: str, question: str, answer: str,
+                      surface: tuple[random.Random, float, dict[str, str]] | None = None) -> dict[str, Any]:
+    """A single-question LLaVA row asked the way evaluation asks (`eval_items`). With `surface`
+    (rng, plain share, the image's facts) it is asked in a varied form (`surface.ask`): plainly,
+    with a sentence answer, or with the instruction; negated questions keep the instruction."""
+    text, reply = f"{SHORT_ANSWER}\n{_question(question)}", answer
+    if surface is not None:
+        rng, plain, facts = surface
+        text, reply = ask(question, answer, _sentence(question, answer, facts), rng,
+                          0.0 if is_negated(question) else plain)
     return {"id": row_id, "image": image, "conversations": [
-        {"from": "human", "value": f"<image>\n{SHORT_ANSWER}\n{_question(question)}"},
-        {"from": "gpt", "value": answer}]}
+        {"from": "human", "value": f"<image>\n{text}"}, {"from": "gpt", "value": reply}]}
 
 
-def build_vqa(split: str = "train", seed: int = 0) -> list[dict[str, Any]]:
+def _surface(split: str, seed: int, plain: float) -> Callable[[int], tuple | None]:
+    """Per image, the `surface` argument of `_short_answer_row` (None: the trained form only)."""
+    if not plain:
+        return lambda image_id: None
+    rng, facts = random.Random(seed + 101), image_facts(split)
+    return lambda image_id: (rng, plain, facts.get(image_id, {}))
+
+
+def build_vqa(split: str = "train", seed: int = 0, plain: float = 0.0) -> list[dict[str, Any]]:
     """One single-question short-answer row per question (standard LLaVA rows). Training packs
     the rows of an image with a shared prefix (`pack_shared_prefix`), so each question is
-    learnt alone, as it is asked at inference, while the image is paid for once."""
+    learnt alone, as it is asked at inference, while the image is paid for once. `plain` is
+    the share of rows asked plainly, answered in a sentence (`surface`)."""
     questions, paths = _load(split)
+    surface = _surface(split, seed, plain)
     rows = []
     for index, (q, a, image_id) in enumerate(questions):
-        rows.append(_short_answer_row(f"easyvqa-{split}-q{index}", paths[image_id], q, a))
+        rows.append(_short_answer_row(f"easyvqa-{split}-q{index}", paths[image_id], q, a, surface(image_id)))
     random.Random(seed).shuffle(rows)
     return rows
 
@@ -128,15 +160,19 @@ NEGATIVE_FORMS = ["is there not a {}?", "is there not a {} in the image?", "does
                   "is no {} present?"]
 
 
-def build_presence(split: str = "train", seed: int = 0, per_image: int = 4) -> list[dict[str, Any]]:
+def build_presence(split: str = "train", seed: int = 0, per_image: int = 4, plain: float = 0.0,
+                   pairs: bool = False) -> list[dict[str, Any]]:
     """Yes/no questions about what an image does contain, from its own shape and colour.
 
     Only 18% of easy-VQA's yes/no questions ask about something present, so a model can score
     82% on them without looking. These rows (plain and negated, in easy-VQA's own phrasings)
-    balance that, using training annotations only.
+    balance that, using training annotations only. `pairs` adds colour-and-shape probes ("is
+    there a red circle?"), half of them about the image's own object and half about one that
+    differs in colour or in shape, the hard negatives of POPE's adversarial set.
     """
     _, paths = _load(split)
     rng = random.Random(seed + 7)
+    surface = _surface(split, seed, plain)
     rows = []
     for image_id, f in sorted(image_facts(split).items()):
         targets = ([f"{f['color']} shape"] if "color" in f else []) + ([f["shape"]] if "shape" in f else [])
@@ -147,28 +183,44 @@ def build_presence(split: str = "train", seed: int = 0, per_image: int = 4) -> l
             negated = rng.random() < 0.5
             q = rng.choice(NEGATIVE_FORMS if negated else POSITIVE_FORMS).format(target)
             rows.append(_short_answer_row(f"easyvqa-{split}-presence-{image_id}-{k}", paths[image_id], q,
-                                          "no" if negated else "yes"))
+                                          "no" if negated else "yes", surface(image_id)))
+        if pairs and "color" in f and "shape" in f:
+            for k, (target, answer) in enumerate(_pair_probes(f, rng)):
+                q = rng.choice(POSITIVE_FORMS).format(target)
+                rows.append(_short_answer_row(f"easyvqa-{split}-pair-{image_id}-{k}", paths[image_id], q, answer,
+                                              surface(image_id)))
     return rows
+
+
+def _pair_probes(f: dict[str, str], rng: random.Random) -> list[tuple[str, str]]:
+    """The image's own "colour shape" (yes) and one that differs in colour or shape (no)."""
+    own = f"{f['color']} {f['shape']}"
+    if rng.random() < 0.5:
+        other = f"{rng.choice(sorted(COLORS - {f['color']}))} {f['shape']}"
+    else:
+        other = f"{f['color']} {rng.choice(sorted(SHAPES - {f['shape']}))}"
+    return [(own, "yes"), (other, "no")]
 
 
 COLOR_FORMS = ["what color is the shape?", "what color is the {}?", "what is the color of the {}?",
                "what is the color of the shape?"]
 
 
-def build_colors(split: str = "train", seed: int = 0, per_image: int = 2) -> list[dict[str, Any]]:
+def build_colors(split: str = "train", seed: int = 0, per_image: int = 2, plain: float = 0.0) -> list[dict[str, Any]]:
     """Colour-naming questions for every image whose colour the annotations give, in easy-VQA's
     four phrasings. Only 13% of easy-VQA's questions name a colour, and the colour-driven yes/no
     questions need the same skill; brown (vs red), yellow (vs green) and black (vs blue) were
     the demo model's main errors while a linear probe on the tower separates them."""
     _, paths = _load(split)
     rng = random.Random(seed + 11)
+    surface = _surface(split, seed, plain)
     rows = []
     for image_id, f in sorted(image_facts(split).items()):
         if "color" not in f:
             continue
         for k, form in enumerate(rng.sample(COLOR_FORMS, min(per_image, len(COLOR_FORMS)))):
             rows.append(_short_answer_row(f"easyvqa-{split}-color-{image_id}-{k}", paths[image_id],
-                                          form.format(f.get("shape", "shape")), f["color"]))
+                                          form.format(f.get("shape", "shape")), f["color"], surface(image_id)))
     return rows
 
 

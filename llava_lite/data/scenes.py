@@ -14,6 +14,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from llava_lite.data.surface import ask
+
 COLORS = {
     "red": (220, 30, 30), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 30),
     "teal": (30, 160, 160), "brown": (130, 80, 30), "gray": (128, 128, 128), "black": (15, 15, 15),
@@ -165,11 +167,37 @@ def to_captions(scenes: list[dict[str, Any]], prompts: list[str]) -> list[dict[s
         {"from": "gpt", "value": caption(scene_objects(s))}]} for i, s in enumerate(scenes)]
 
 
-def to_vqa(scenes: list[dict[str, Any]], instruction: str) -> list[dict[str, Any]]:
-    """One single-question short-answer row per question."""
-    return [{"id": f"{s['id']}-q{k}", "image": s["image"], "conversations": [
-        {"from": "human", "value": f"<image>\n{instruction}\n{q}"}, {"from": "gpt", "value": short}]}
-        for s in scenes for k, (q, short, _long) in enumerate(s["qa"])]
+def presence_probes(objects: list[SceneObject], rng: random.Random, k: int) -> list[tuple[str, str, str]]:
+    """`k` "Is there a <colour> <shape>?" questions about objects that are there and `k` about
+    ones that are not, half of those differing from a present object only in colour or shape
+    (POPE's adversarial negatives), as (question, short answer, sentence) triples."""
+    present = {(o.color, o.shape) for o in objects}
+    absent = [(c, s) for c in sorted(COLORS) for s in SHAPES if (c, s) not in present]
+    near = [(c, s) for c, s in absent if any(c == pc or s == ps for pc, ps in present)]
+    probes = []
+    for i in range(k):
+        color, shape = rng.choice(sorted(present))
+        probes.append((f"Is there a {color} {shape}?", "yes", f"Yes, there is a {color} {shape}."))
+        color, shape = rng.choice(near if near and i % 2 == 0 else absent)
+        probes.append((f"Is there a {color} {shape}?", "no", f"No, there is no {color} {shape}."))
+    return probes
+
+
+def to_vqa(scenes: list[dict[str, Any]], instruction: str, plain: float = 0.0, presence: int = 0,
+           seed: int = 0) -> list[dict[str, Any]]:
+    """One single-question row per question. `presence` adds that many present and absent
+    object probes per scene; `plain` is the share of questions asked plainly and answered in a
+    sentence (`surface.ask`), the rest with `instruction` and a one-word answer."""
+    rng = random.Random(seed + 13)
+    rows = []
+    for s in scenes:
+        qa = list(s["qa"]) + presence_probes(scene_objects(s), rng, presence)
+        for k, (q, short, sentence) in enumerate(qa):
+            text, reply = (ask(q, short, sentence, rng, plain, instruction=instruction) if plain
+                           else (f"{instruction}\n{q}", short))
+            rows.append({"id": f"{s['id']}-q{k}", "image": s["image"], "conversations": [
+                {"from": "human", "value": f"<image>\n{text}"}, {"from": "gpt", "value": reply}]})
+    return rows
 
 
 def to_dialogues(scenes: list[dict[str, Any]], prompts: list[str], max_turns: int = 4) -> list[dict[str, Any]]:

@@ -37,7 +37,7 @@ def run_stage_eval(model, processor, specs: list[EvalSpec], out_dir: Path, progr
 
 # -- `llava-lite eval` ------------------------------------------------------------------------
 EXACT_MATCH_TASKS = {"easyvqa": "easyvqa-test", "scenes": "scenes-test"}
-_TASK_NAMES = ("vqa", "caption", "pope", "alignment", "consistency")  # llava_lite/eval/tasks.py
+_TASK_NAMES = ("vqa", "caption", "pope", "alignment", "consistency", "photos")  # llava_lite/eval/tasks.py
 
 
 def parse_forms(text: str) -> list[str]:
@@ -105,14 +105,15 @@ def cmd_eval(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "eval", help="evaluate a model: easyvqa, scenes, vqa, caption, pope, alignment, consistency",
+        "eval", help="evaluate a model: easyvqa, scenes, vqa, caption, pope, photos, alignment, consistency",
         description="Tasks: easyvqa/scenes (exact match by answer type); vqa (VQAv2 soft accuracy on "
                     "--questions); caption (BLEU-1..4, CIDEr-D on --captions COCO json or the generator's "
                     "held-out scenes, plus CHAIR hallucination scores on scenes); pope (yes/no existence "
                     "probes, random/popular/adversarial negatives); easyvqa, scenes, vqa and pope score each "
                     "question in three prompt forms (--forms) side by side; "
                     "alignment (image-text R@K per stage with --stages RUN); consistency (agreement of "
-                    "sampled captions). Writes result.json, result.md, result.png and predictions.jsonl.")
+                    "sampled captions); photos (real photos from scikit-image, scikit-learn and matplotlib: named, "
+                    "abstained or invented). Writes result.json, result.md, result.png and predictions.jsonl.")
     p.add_argument("--model", default=None, help="checkpoint (default: the built-in model)")
     p.add_argument("--task", required=True, choices=sorted({*EXACT_MATCH_TASKS, *_TASK_NAMES}),
                    help="evaluation task")

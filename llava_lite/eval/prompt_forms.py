@@ -6,7 +6,8 @@ forms people meet it in.
 - `raw`: the same instruction, then the question in lowercase as the dataset (easy-VQA) or a
   person writes it ("what shape is present?"); exact match;
 - `natural`: the lowercase question alone, with no instruction, as people type it in a chat;
-  the reply is read by `extract_answer`, so "The shape is a circle." counts as "circle".
+  the reply is read by `extract_answer` among the answers of the question's type, so
+  "The shape is a circle." counts as "circle".
 
 Items carry `question` (the trained form), `raw` (the question without any instruction) and
 `instruction`; `negated` marks questions whose yes/no convention is the dataset's own
@@ -46,16 +47,21 @@ def is_negated(question: str) -> bool:
     return bool({"not", "no"} & set(normalize_short_answer(question).split()))
 
 
-def answer_vocabulary(items: Sequence[dict[str, Any]]) -> set[str]:
-    """Every reference answer in the set: the words the extractor may read off a reply."""
-    return {a for it in items for a in it.get("answers", [it.get("answer", "")]) if a}
+def answer_vocabulary(items: Sequence[dict[str, Any]]) -> dict[str, set[str]]:
+    """The reference answers of each question type: the answers the extractor may read off a
+    reply to a question of that type (a colour question's reply is read for colours only, as a
+    person reads "There is a small red circle." as "red" when asked the colour)."""
+    vocab: dict[str, set[str]] = defaultdict(set)
+    for it in items:
+        vocab[it.get("type", "all")] |= {a for a in it.get("answers", [it.get("answer", "")]) if a}
+    return dict(vocab)
 
 
-def read_reply(reply: str, item: dict[str, Any], form: str, vocabulary: set[str]) -> str:
+def read_reply(reply: str, item: dict[str, Any], form: str, vocabulary: dict[str, set[str]]) -> str:
     """The answer a scorer compares: the reply itself, or for `natural` the answer read off it."""
     if form != "natural":
         return reply
-    return extract_answer(reply, item.get("raw", item["question"]), vocabulary)
+    return extract_answer(reply, item.get("raw", item["question"]), vocabulary[item.get("type", "all")])
 
 
 def summarize(hits: Sequence[float], items: Sequence[dict[str, Any]]) -> dict[str, Any]:

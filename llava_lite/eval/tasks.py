@@ -29,7 +29,8 @@ CAPTION_PROMPT = "Describe the image briefly."  # one of the demo recipe's capti
 # -- reports ---------------------------------------------------------------------------
 def write_table_report(out_dir: Path, title: str, table: dict[str, dict[str, float]], result: dict[str, Any],
                        plot_metrics: Sequence[str] | None = None, percent: bool = True) -> None:
-    """result.json (everything), result.md (the table) and result.png (grouped bars)."""
+    """result.json (everything), result.md (the table, then any `result["details"]` lines) and
+    result.png (grouped bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,6 +44,7 @@ def write_table_report(out_dir: Path, title: str, table: dict[str, dict[str, flo
     for name, row in table.items():
         cells = [fmt(row[m]) if isinstance(row.get(m), float) else str(row.get(m, "")) for m in metrics]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", *result["details"]] if result.get("details") else []
     (out_dir / "result.md").write_text("\n".join(lines) + "\n")
     shown = [m for m in (plot_metrics or metrics) if all(isinstance(r.get(m), float) for r in table.values())]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(table) * max(1, len(shown)) / 2), 3.8), dpi=100)
@@ -320,5 +322,36 @@ def task_consistency(lite: LlavaLite, args) -> tuple[dict, dict]:
     return result, table
 
 
-TASKS = {"vqa": task_vqa, "caption": task_caption, "pope": task_pope, "alignment": task_alignment,
-         "consistency": task_consistency}
+# -- photos ---------------------------------------------------------------------------------
+PHOTO_PROMPT = "What is in this picture?"
+
+
+def task_photos(lite: LlavaLite, args) -> tuple[dict, dict]:
+    """Real photos from common wheels: does the reply name the subject, say it can't tell, or
+    invent? Also reported for the photos whose right class is in the tower head's top 3."""
+    from llava_lite.eval.photos import PHOTOS, photo_path, score_reply, summarize_photos
+
+    prompt = args.prompt or PHOTO_PROMPT
+    rows = []
+    for photo in tqdm(PHOTOS, desc="photos", unit="photo"):
+        image = str(photo_path(photo))
+        reply = lite.ask(image, prompt, max_new_tokens=max(args.max_new_tokens, 48))
+        top3 = lite.describe_evidence(image, k=3) or []
+        rows.append({"photo": photo.name, "image": image, "reply": reply, "head_top3": top3,
+                     "right_class_in_top3": bool({name for name, _ in top3} & photo.imagenet),
+                     **score_reply(reply, photo)})
+    known = [r for r in rows if r["right_class_in_top3"]]
+    table = {"all photos": summarize_photos(rows), "right class in the head's top 3": summarize_photos(known)}
+    details = ["| photo | reply | named | abstained | invented | head's top 3 |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        top = ", ".join(f"{n} {p:.2f}" for n, p in r["head_top3"])
+        details.append(f"| {r['photo']} | {r['reply'].replace('|', '/').replace(chr(10), ' ')} | "
+                       f"{'✓' if r['named'] else ''} | {'✓' if r['abstained'] else ''} | "
+                       f"{', '.join(r['invented_words'])} | {top} |")
+    result = {**table["all photos"], "prompt": prompt, "details": details, "predictions": rows,
+              "right_class_in_top3": table["right class in the head's top 3"]}
+    return result, table
+
+
+TASKS = {"vqa": task_vqa, "caption": task_caption, "pope": task_pope, "photos": task_photos,
+         "alignment": task_alignment, "consistency": task_consistency}

@@ -18,6 +18,9 @@ class VisionTower(nn.Module):
 
     num_tokens: int
     hidden_size: int
+    # Towers with a classifier head (EfficientNet's ImageNet head) name its classes; towers
+    # without one (CLIP) leave this None and `class_probs` returns None.
+    class_names: list[str] | None = None
 
     def freeze(self) -> VisionTower:
         for param in self.parameters():
@@ -32,6 +35,11 @@ class VisionTower(nn.Module):
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def class_probs(self, features: torch.Tensor) -> torch.Tensor | None:
+        """(batch, len(class_names)) probabilities from the tower's classifier head, computed
+        from its own `encode` output (so cached features suffice); None without a head."""
+        return None
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

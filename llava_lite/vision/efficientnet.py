@@ -3,6 +3,8 @@ optionally widened with earlier blocks' features."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -49,6 +51,7 @@ class EfficientNetLite0Tower(VisionTower):
             raise ConfigError(f"vision.concat_blocks={bad}: efficientnet-lite0 has blocks 0-{n_blocks - 1}")
         self.hidden_size = self.net._conv_head.out_channels + sum(
             self.net._blocks[b]._project_conv.out_channels for b in self.concat_blocks)
+        self.class_names = imagenet_class_names()
         self.freeze()
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
@@ -78,6 +81,21 @@ class EfficientNetLite0Tower(VisionTower):
         if self.strategy == "cls_patch":
             tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1)
         return tokens
+
+
+    @torch.no_grad()
+    def class_probs(self, features: torch.Tensor) -> torch.Tensor:
+        """The ImageNet head on the pooled last-layer map: the first 1280 channels of the patch
+        tokens, averaged, are exactly what `EfficientNet.forward` pools before its classifier."""
+        patches = features[:, -self.grid**2:, : self.net._conv_head.out_channels]
+        logits = self.net._fc(patches.mean(1).to(self.dtype))
+        return logits.float().softmax(-1)
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1,000 ImageNet-1k class names in the classifier's order, one per line in
+    `llava_lite/assets/imagenet_classes.txt` (the readable names gradio also ships)."""
+    return (Path(__file__).resolve().parent.parent / "assets" / "imagenet_classes.txt").read_text().splitlines()
 
 
 @VISION_TOWERS.register("efficientnet-lite0")
