@@ -130,8 +130,9 @@ def _images(n: int) -> list:
     return out
 
 
-def run_variant(model_path: str | None, variant: str, new_tokens: int, repeats: int,
-                batch_sizes: list[int], device: str | None) -> BenchResult:
+def _load_variant(model_path: str | None, variant: str, device: str | None):
+    """The model as serving runs it (LoRA merged, then quantized), and a llava-hf export of it
+    as the reference where it can be exported."""
     from llava_lite.api import LlavaLite
     from llava_lite.hf_interop import export_hf, is_exportable
 
@@ -146,75 +147,77 @@ def run_variant(model_path: str | None, variant: str, new_tokens: int, repeats: 
         export_hf(lite.model, lite.processor, hf_dir)
     if quantize:
         lite.quantize(quantize)
-    dev = lite.device
-    res = BenchResult(variant=variant, backend=lite.quantization if quantize else dtype, device=str(dev))
+    res = BenchResult(variant=variant, backend=lite.quantization if quantize else dtype, device=str(lite.device))
     res.load_s = time.perf_counter() - t
     res.llm_weight_bytes = state_bytes(lite.model.llm)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    images = _images(max(batch_sizes + [repeats + 2]))
+    return lite, hf_dir, res
+
+
+def _time_encode(lite, images, repeats: int, res: BenchResult) -> None:
+    dev = lite.device
+    pixels = [lite.processor.image_preprocess([img]) for img in images[:repeats + 1]]
+    lite.model.encode_images(pixels[0])  # warm-up
+    encode = []
+    for px in pixels[1:]:
+        _sync(dev)
+        t = time.perf_counter()
+        lite.model.encode_images(px)
+        _sync(dev)
+        encode.append(time.perf_counter() - t)
+    res.image_encode_ms = 1000 * statistics.median(encode)
+
+
+def _prefill_and_decode(make, new_tokens: int, repeats: int, dev) -> tuple[float, float]:
+    """(prefill seconds, decode tokens/s) of `make(n)`, a generation of exactly n tokens."""
+    make(2)()  # warm-up
+    t1 = _best(make(1), repeats, dev)
+    tn = _best(make(new_tokens), repeats, dev)
+    return t1, (new_tokens - 1) / max(tn - t1, 1e-9)
+
+
+def _reference(lite, hf_dir: Path | None, ids, image, gen: dict, res: BenchResult):
+    """transformers' own generate on the same LLM and prompt length: LlavaForConditionalGeneration
+    on the exported model where the model can be exported, else the bare causal LM."""
+    dev = lite.device
+    if hf_dir is not None:
+        from transformers import LlavaForConditionalGeneration
+
+        hf = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=lite.model.dtype).to(dev).eval()
+        pix = lite.processor.pixel_values([image]).to(dev, lite.model.dtype)
+        res.reference = "LlavaForConditionalGeneration (export-hf)"
+        return lambda n: lambda: hf.generate(input_ids=ids, pixel_values=pix, attention_mask=torch.ones_like(ids),
+                                             max_new_tokens=n, min_new_tokens=n, **gen)
     tok = lite.processor.tokenizer
+    ref_ids = torch.randint(100, len(tok) - 100, ids.shape, generator=torch.Generator().manual_seed(0)).to(dev)
+    llm = lite.model.llm
+    res.reference = "AutoModelForCausalLM.generate (same LLM)"
+    return lambda n: lambda: llm.generate(input_ids=ref_ids, attention_mask=torch.ones_like(ref_ids),
+                                          max_new_tokens=n, min_new_tokens=n, **gen)
 
-    with torch.no_grad():
-        pixels = [lite.processor.image_preprocess([img]) for img in images[:repeats + 1]]
-        lite.model.encode_images(pixels[0])  # warm-up
-        encode = []
-        for px in pixels[1:]:
-            _sync(dev)
-            t = time.perf_counter()
-            lite.model.encode_images(px)
-            _sync(dev)
-            encode.append(time.perf_counter() - t)
-        res.image_encode_ms = 1000 * statistics.median(encode)
 
-        messages = [lite.user_message(QUESTION)]
-        ids = torch.tensor([lite.processor.encode_prompt(messages)], device=dev)
-        res.prompt_tokens = ids.shape[1]
-        embeds = lite.encode_images([images[0]])
-        gen = {"do_sample": False, "pad_token_id": lite.processor.pad_token_id}
+def _time_generation(lite, hf_dir: Path | None, images, new_tokens: int, repeats: int, res: BenchResult) -> None:
+    dev = lite.device
+    messages = [lite.user_message(QUESTION)]
+    ids = torch.tensor([lite.processor.encode_prompt(messages)], device=dev)
+    res.prompt_tokens = ids.shape[1]
+    embeds = lite.encode_images([images[0]])
+    gen = {"do_sample": False, "pad_token_id": lite.processor.pad_token_id}
 
-        def ours(n: int):
-            return lambda: lite.model.generate(ids, image_embeds=embeds, max_new_tokens=n, min_new_tokens=n, **gen)
+    def ours(n: int):
+        return lambda: lite.model.generate(ids, image_embeds=embeds, max_new_tokens=n, min_new_tokens=n, **gen)
 
-        ours(2)()  # warm-up
-        t1 = _best(ours(1), repeats, dev)
-        tn = _best(ours(new_tokens), repeats, dev)
-        res.prefill_ms = 1000 * t1
-        res.decode_tok_s = (new_tokens - 1) / max(tn - t1, 1e-9)
+    t1, res.decode_tok_s = _prefill_and_decode(ours, new_tokens, repeats, dev)
+    res.prefill_ms = 1000 * t1
+    r1, res.reference_decode_tok_s = _prefill_and_decode(_reference(lite, hf_dir, ids, images[0], gen, res),
+                                                         new_tokens, repeats, dev)
+    res.reference_prefill_ms = 1000 * r1
 
-        # The reference: transformers' own generate on the same LLM and prompt length
-        # (LlavaForConditionalGeneration on the exported model where the model can be exported).
-        if hf_dir is not None:
-            from transformers import LlavaForConditionalGeneration
 
-            hf = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=lite.model.dtype).to(dev).eval()
-            pix = lite.processor.pixel_values([images[0]]).to(dev, lite.model.dtype)
-            res.reference = "LlavaForConditionalGeneration (export-hf)"
-
-            def ref(n: int):
-                return lambda: hf.generate(input_ids=ids, pixel_values=pix, attention_mask=torch.ones_like(ids),
-                                           max_new_tokens=n, min_new_tokens=n, **gen)
-        else:
-            ref_ids = torch.randint(100, len(tok) - 100, ids.shape, generator=torch.Generator().manual_seed(0))
-            ref_ids = ref_ids.to(dev)
-            llm = lite.model.llm
-            res.reference = "AutoModelForCausalLM.generate (same LLM)"
-
-            def ref(n: int):
-                return lambda: llm.generate(input_ids=ref_ids, attention_mask=torch.ones_like(ref_ids),
-                                            max_new_tokens=n, min_new_tokens=n, **gen)
-
-        ref(2)()
-        r1 = _best(ref(1), repeats, dev)
-        rn = _best(ref(new_tokens), repeats, dev)
-        res.reference_prefill_ms = 1000 * r1
-        res.reference_decode_tok_s = (new_tokens - 1) / max(rn - r1, 1e-9)
-        if hf_dir is not None:
-            del hf
-
-    # Chat latency as a user sees it: time to the first token of a first turn (a new image:
-    # load, encode, template, prefill) and of a follow-up (image features and the previous
-    # turn's KV cache reused). A one-token generation times exactly that.
+def _time_chat_turns(lite, images, new_tokens: int, res: BenchResult) -> None:
+    """Chat latency as a user sees it: time to the first token of a first turn (a new image:
+    load, encode, template, prefill) and of a follow-up (image features and the previous
+    turn's KV cache reused). A one-token generation times exactly that."""
+    messages = [lite.user_message(QUESTION)]
     lite.chat(messages, images=[images[1]], max_new_tokens=2)  # warm-up (template compile, threads)
     fresh = images[-1]
     lite.image_cache.clear()
@@ -228,6 +231,8 @@ def run_variant(model_path: str | None, variant: str, new_tokens: int, repeats: 
     lite.chat(turn2, images=[fresh], max_new_tokens=1)
     res.second_turn_first_token_ms = 1000 * (time.perf_counter() - t)
 
+
+def _time_batches(lite, images, batch_sizes: list[int], repeats: int, res: BenchResult) -> None:
     for b in batch_sizes:
         batch_new = 16
         imgs = images[:b]
@@ -236,8 +241,22 @@ def run_variant(model_path: str | None, variant: str, new_tokens: int, repeats: 
             lite.image_cache.clear()
             lite.ask_batch(imgs, [QUESTION] * b, batch_size=b, max_new_tokens=n, min_new_tokens=n)
 
-        res.batch_tok_s[str(b)] = b * batch_new / _best(batch, max(1, repeats - 1), dev)
+        res.batch_tok_s[str(b)] = b * batch_new / _best(batch, max(1, repeats - 1), lite.device)
 
+
+def run_variant(model_path: str | None, variant: str, new_tokens: int, repeats: int,
+                batch_sizes: list[int], device: str | None) -> BenchResult:
+    """Every figure of one variant (run in its own process by `run_all`)."""
+    lite, hf_dir, res = _load_variant(model_path, variant, device)
+    dev = lite.device
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    images = _images(max(batch_sizes + [repeats + 2]))
+    with torch.no_grad():
+        _time_encode(lite, images, repeats, res)
+        _time_generation(lite, hf_dir, images, new_tokens, repeats, res)
+    _time_chat_turns(lite, images, new_tokens, res)
+    _time_batches(lite, images, batch_sizes, repeats, res)
     if hf_dir is not None:
         shutil.rmtree(hf_dir, ignore_errors=True)
     if dev.type == "cuda":

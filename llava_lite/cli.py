@@ -136,7 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="llava-lite: chat with images, ask and caption, train and serve LLaVA-style models.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_model_commands(sub)
+    _add_dual_encoder_commands(sub)
+    for ep in entry_points(group="llava_lite.commands"):
+        register = ep.load()
+        register(sub)
+    return parser
 
+
+def _add_model_commands(sub) -> None:
     p = sub.add_parser("ask", help="answer a question about an image")
     p.add_argument("image", help="image file")
     p.add_argument("question", help="the question")
@@ -173,11 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_dual_encoder_commands(sub) -> None:
     p = sub.add_parser("zeroshot", help="classify images among class names with a dual encoder (CLIP-style)",
                        description="Zero-shot classification with prompt ensembling.")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--model", required=True, help="a dual encoder folder (llava-lite train --recipe clip-demo) "
-                   "or a transformers CLIPModel folder")
+    p.add_argument("--model", required=True, help="a dual encoder folder (llava-lite train --recipe clip-demo), "
+                   "a transformers CLIPModel folder, or label-space (no training: the tower's ImageNet head "
+                   "bridged to MiniLM text embeddings)")
     p.add_argument("--classes", required=True, help="comma-separated class names, e.g. 'cat,dog,car'")
     p.add_argument("--template", action="append", default=None,
                    help="prompt template with {} (repeatable; default: an ensemble of 6)")
@@ -186,17 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("retrieve", help="text-to-image or image-to-text retrieval with a dual encoder",
                        description="Text queries search an image gallery; image queries search a text gallery.")
-    p.add_argument("--model", required=True, help="a dual encoder folder or a transformers CLIPModel folder")
+    p.add_argument("--model", required=True, help="a dual encoder folder, a transformers CLIPModel folder, "
+                   "or label-space")
     p.add_argument("--query", action="append", required=True, help="a text, or an image file (repeatable)")
     p.add_argument("--gallery", nargs="+", required=True,
                    help="image files or one folder of images (for text queries), or texts (for image queries)")
     p.add_argument("-k", type=int, default=5, help="results per query (default: 5)")
     p.set_defaults(func=cmd_retrieve)
-
-    for ep in entry_points(group="llava_lite.commands"):
-        register = ep.load()
-        register(sub)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

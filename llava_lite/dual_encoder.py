@@ -238,8 +238,13 @@ def _as_tensor(features) -> torch.Tensor:
     return features if isinstance(features, torch.Tensor) else features.pooler_output
 
 
-def load_dual_encoder(path: str | Path) -> DualEncoder | HFCLIP:
-    """A llava-lite dual encoder folder, or a transformers CLIPModel folder."""
+def load_dual_encoder(path: str | Path) -> Any:
+    """A llava-lite dual encoder folder, a transformers CLIPModel folder, or `label-space`: the
+    untrained bridge through the default tower's ImageNet head (`llava_lite.label_space`)."""
+    from llava_lite.label_space import LABEL_SPACE, LabelSpaceEncoder
+
+    if str(path) == LABEL_SPACE:
+        return LabelSpaceEncoder()
     path = Path(path)
     if (path / CONFIG_NAME).is_file():
         return DualEncoder.from_pretrained(path)

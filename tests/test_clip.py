@@ -212,3 +212,45 @@ def test_clip_recipe_rejects_bad_settings():
         ClipRecipe().validate()
     with pytest.raises(ConfigError, match="unknown key"):
         ClipRecipe.from_dict({"stepz": 3})
+
+
+# -- the label-space bridge (ConSE), no training ------------------------------------------------
+@pytest.fixture(scope="module")
+def label_space():
+    from llava_lite.dual_encoder import load_dual_encoder
+
+    return load_dual_encoder("label-space")
+
+
+def test_label_space_embeds_an_image_as_the_weighted_mean_of_its_top_class_names(label_space):
+    names = label_space.name_embeddings()
+    assert names.shape == (1000, 384)
+    probs = torch.zeros(1, 1000)
+    probs[0, 285], probs[0, 281], probs[0, 7] = 0.6, 0.2, 0.2  # Egyptian Mau, tabby cat, cock
+    label_space.top_t = 2  # the top 2, renormalised: 0.75 and 0.25
+    try:
+        got = label_space.embed_probs(probs)
+    finally:
+        label_space.top_t = 10
+    expected = F.normalize(0.75 * names[285] + 0.25 * names[281], dim=-1)
+    assert torch.allclose(got[0], expected, atol=1e-6)
+
+
+def test_label_space_zero_shot_names_real_photos_without_training(label_space):
+    from llava_lite.eval.photos import PHOTOS, photo_path
+
+    photos = {p.name: str(photo_path(p)) for p in PHOTOS}
+    classes = ["cat", "cup of coffee", "motorcycle", "military uniform", "temple"]
+    images = [photos[n] for n in ("chelsea", "coffee", "motorcycle", "grace_hopper", "china")]
+    result = zero_shot_classify(label_space, images, classes)
+    assert result.labels == classes
+    hits = retrieve(label_space, ["a cat"], images, k=1)
+    assert hits[0][0][0] == 0
+
+
+def test_label_space_needs_a_tower_with_a_classifier_head(tiny_clip_dir):
+    from llava_lite.config import ConfigError, VisionConfig
+    from llava_lite.label_space import LabelSpaceEncoder
+
+    with pytest.raises(ConfigError, match="no classifier head"):
+        LabelSpaceEncoder(VisionConfig(name="clip", model_id=str(tiny_clip_dir)))

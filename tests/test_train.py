@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from llava_lite.config import ConfigError
 from llava_lite.llava_data import DataValidationError
-from llava_lite.train import loop
+from llava_lite.train import loop, stepping
 from llava_lite.train.recipe import DataSpec, apply_overrides
 from llava_lite.train.run import run_recipe
 
@@ -229,8 +229,8 @@ def test_prefix_shared_packing_gives_the_separate_rows_losses(tiny_lite, images,
     module = loop.TrainModule(lite.model, contrastive=False)
     tower = lite.model.vision_tower
     with torch.no_grad():
-        packed, _ = module(**loop._collate(packs, lite.processor, None, tower, packed=True))
-        separate = sum(module(**loop._collate([single(r)], lite.processor, None, tower, packed=False))[0]
+        packed, _ = module(**stepping.collate(packs, lite.processor, None, tower, packed=True))
+        separate = sum(module(**stepping.collate([single(r)], lite.processor, None, tower, packed=False))[0]
                        for r in rows)
     assert packed.item() == pytest.approx(separate.item(), rel=1e-5)
     # swapping one question changes the pack's loss by exactly that question's own change
@@ -239,7 +239,7 @@ def test_prefix_shared_packing_gives_the_separate_rows_losses(tiny_lite, images,
 
     def loss(items, packed):
         with torch.no_grad():
-            return module(**loop._collate(items, lite.processor, None, tower, packed=packed))[0].item()
+            return module(**stepping.collate(items, lite.processor, None, tower, packed=packed))[0].item()
 
     changed = loss(pack_rows(other, lite.processor.image_token_id, 16, 256), True)
     delta = loss([single(other[0])], False) - loss([single(rows[0])], False)

@@ -70,6 +70,36 @@ def _image_first(turns: list[dict[str, str]]) -> list[dict[str, str]]:
     return turns
 
 
+def _llava_row(raw: Any, index: int, image_first: bool) -> dict[str, Any] | str:
+    """One LLaVA row checked and normalised, or the reason it is bad."""
+    if not isinstance(raw, dict):
+        return f"expected an object, got {type(raw).__name__}"
+    turns = raw.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        return "missing or empty 'conversations'"
+    try:
+        turns = [{"from": t["from"], "value": t["value"]} for t in turns]
+        check_turns(normalize_messages(turns), IMAGE, for_training=True)
+    except (KeyError, TypeError):
+        return "each turn needs 'from' and 'value'"
+    except ConversationError as err:
+        return str(err)
+    image = raw.get("image")
+    placeholders = sum(t["value"].count(IMAGE) for t in turns)
+    if not image and placeholders:
+        return f"{placeholders} {IMAGE} placeholder(s) but no image"
+    if image and placeholders > 1:
+        return f"{placeholders} {IMAGE} placeholders for one image"
+    if image and placeholders == 0:
+        turns[0] = {**turns[0], "value": f"{IMAGE}\n{turns[0]['value']}"}
+    if image and image_first:
+        turns = _image_first(turns)
+    row: dict[str, Any] = {"id": str(raw.get("id", index)), "conversations": turns}
+    if image:
+        row["image"] = image
+    return row
+
+
 def _convert_llava_rows(path: Path, limit: int | None, image_first: bool) -> ConversionReport:
     report = ConversionReport(path)
     data = _load_json(path)
@@ -78,38 +108,11 @@ def _convert_llava_rows(path: Path, limit: int | None, image_first: bool) -> Con
     for index, raw in enumerate(data):
         if limit is not None and len(report.rows) >= limit:
             break
-        if not isinstance(raw, dict):
-            report.bad(index, f"expected an object, got {type(raw).__name__}")
-            continue
-        turns = raw.get("conversations")
-        if not isinstance(turns, list) or not turns:
-            report.bad(index, "missing or empty 'conversations'")
-            continue
-        try:
-            turns = [{"from": t["from"], "value": t["value"]} for t in turns]
-            check_turns(normalize_messages(turns), IMAGE, for_training=True)
-        except (KeyError, TypeError):
-            report.bad(index, "each turn needs 'from' and 'value'")
-            continue
-        except ConversationError as err:
-            report.bad(index, str(err))
-            continue
-        image = raw.get("image")
-        placeholders = sum(t["value"].count(IMAGE) for t in turns)
-        if image and placeholders == 0:
-            turns[0] = {**turns[0], "value": f"{IMAGE}\n{turns[0]['value']}"}
-        elif not image and placeholders:
-            report.bad(index, f"{placeholders} {IMAGE} placeholder(s) but no image")
-            continue
-        elif image and placeholders > 1:
-            report.bad(index, f"{placeholders} {IMAGE} placeholders for one image")
-            continue
-        if image and image_first:
-            turns = _image_first(turns)
-        row: dict[str, Any] = {"id": str(raw.get("id", index)), "conversations": turns}
-        if image:
-            row["image"] = image
-        report.rows.append(row)
+        row = _llava_row(raw, index, image_first)
+        if isinstance(row, str):
+            report.bad(index, row)
+        else:
+            report.rows.append(row)
     return report
 
 

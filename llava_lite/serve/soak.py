@@ -141,17 +141,28 @@ def main(argv: list[str] | None = None) -> int:
             proc.terminate()
             proc.wait(timeout=60)
 
+    report = summarize(results, memory, args.clients, args.minutes)
+    (out / "soak.json").write_text(json.dumps({**report, "memory": memory}, indent=2))
+    md = "| measure | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in report.items())
+    (out / "soak.md").write_text(md)
+    _plot(results, memory, out / "soak.png", start)
+    print(md)
+    return 0 if report["errors"] == 0 else 1
+
+
+def summarize(results: list[dict], memory: list[tuple[float, float]], clients: int, minutes: float) -> dict:
+    """Requests, errors, latency percentiles and the memory trend of a soak run."""
     lat = np.array([r["latency_s"] for r in results if not r["error"]]) if results else np.array([])
     mem = np.array(memory)
     tail = mem[len(mem) // 2:]  # the second half: caches and allocator pools fill up first
     slope = float(np.polyfit(tail[:, 0] / 60, tail[:, 1], 1)[0]) if len(mem) > 8 else float("nan")
     report = {
-        "clients": args.clients, "minutes": args.minutes, "requests": len(results),
+        "clients": clients, "minutes": minutes, "requests": len(results),
         "errors": sum(bool(r["error"]) for r in results),
         "error_examples": sorted({r["error"] for r in results if r["error"]})[:5],
         "p50_s": float(np.percentile(lat, 50)) if lat.size else None,
         "p95_s": float(np.percentile(lat, 95)) if lat.size else None,
-        "requests_per_min": len(results) / args.minutes,
+        "requests_per_min": len(results) / minutes,
         # single-turn API requests only: later gradio turns carry earlier images in their history
         "accuracy_api": float(np.mean([r["correct"] for r in results if not r["error"] and r["via"] == "openai"]))
         if any(r["via"] == "openai" and not r["error"] for r in results) else None,
@@ -159,12 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss_end_mb": float(mem[-1, 1]) if len(mem) else None,
         "rss_trend_mb_per_min_second_half": slope,
     }
-    (out / "soak.json").write_text(json.dumps({**report, "memory": memory}, indent=2))
-    md = "| measure | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in report.items())
-    (out / "soak.md").write_text(md)
-    _plot(results, memory, out / "soak.png", start)
-    print(md)
-    return 0 if report["errors"] == 0 else 1
+    return report
 
 
 def _plot(results: list[dict], memory: list, path: Path, start: float) -> None:

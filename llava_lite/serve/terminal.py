@@ -97,21 +97,24 @@ class TerminalChat:
                 self.say()
                 return 0
             line = line.strip()
-            if not line:
-                continue
             if line in ("/quit", "/exit"):
                 return 0
-            if line == "/help":
-                self.say(HELP)
-            elif line == "/reset":
-                self.reset()
-            elif line.startswith("/image"):
-                path = line[len("/image"):].strip()
-                if path:
-                    self.set_image(path)
-                else:
-                    self.say("! usage: /image PATH")
-            elif line.startswith("/"):
-                self.say(f"! unknown command {line.split()[0]}; /help lists them")
+            if line:
+                self.handle(line)
+
+    def handle(self, line: str) -> None:
+        """One non-empty input line: a command or a message."""
+        if line == "/help":
+            self.say(HELP)
+        elif line == "/reset":
+            self.reset()
+        elif line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            if path:
+                self.set_image(path)
             else:
-                self.ask(line)
+                self.say("! usage: /image PATH")
+        elif line.startswith("/"):
+            self.say(f"! unknown command {line.split()[0]}; /help lists them")
+        else:
+            self.ask(line)

@@ -218,67 +218,90 @@ def plot_confusions(panels: dict[str, np.ndarray], names: Sequence[str], path: P
 
 
 @torch.no_grad()
-def evaluate(model: DualEncoder, recipe: ClipRecipe, out: Path, progress: bool = True) -> dict[str, Any]:
+def _zero_shot_eval(model: DualEncoder, recipe: ClipRecipe, out: Path, progress: bool) -> dict[str, Any]:
+    """Zero-shot on the held-out Fashion-MNIST classes (alone and among all 10) and on seen ones,
+    then the supervised baseline beside it, with confusion matrices."""
     from llava_lite.data import fashion_mnist
 
     root = cache_dir() / "data"
+    results: dict[str, Any] = {}
+    classes = fashion_mnist.CLASSES
+    held = list(recipe.held_out_classes)
+    seen = [c for c in classes if c not in held]
+    xt, yt = fashion_mnist.load("test", root)
+    test_idx = [i for i in range(len(yt)) if classes[yt[i]] in held]
+    test_feats = pooled_features(model, "fashion-test-heldout", [f"fm-test-{i}" for i in test_idx],
+                                 lambda k: _gray_to_rgb(xt[test_idx[k]]), recipe.feature_batch_size, progress)
+    emb = model.embed_image_features(test_feats)
+    true = [held.index(classes[yt[i]]) for i in test_idx]
+    zs = (model.logit_scale() * emb @ class_embeddings(model, held, DEFAULT_TEMPLATES).T).argmax(-1).tolist()
+    all10 = (emb @ class_embeddings(model, list(classes), DEFAULT_TEMPLATES).T).argmax(-1).tolist()
+    results["zero_shot_heldout_acc"] = float(np.mean([p == t for p, t in zip(zs, true, strict=True)]))
+    results["zero_shot_heldout_among_all10_acc"] = float(np.mean(
+        [classes[p] == held[t] for p, t in zip(all10, true, strict=True)]))
+    seen_idx = _per_class(yt, [classes.index(c) for c in seen], 100, recipe.seed)
+    seen_feats = pooled_features(model, "fashion-test-seen", [f"fm-test-{i}" for i in seen_idx],
+                                 lambda k: _gray_to_rgb(xt[seen_idx[k]]), recipe.feature_batch_size, progress)
+    seen_pred = (model.embed_image_features(seen_feats) @ class_embeddings(model, seen, DEFAULT_TEMPLATES).T
+                 ).argmax(-1).tolist()
+    results["zero_shot_seen_acc"] = float(np.mean(
+        [seen[p] == classes[yt[i]] for p, i in zip(seen_pred, seen_idx, strict=True)]))
+    results["chance_heldout"] = 1 / len(held)
+    panels = {f"zero-shot ({results['zero_shot_heldout_acc']:.1%})": _confusion(true, zs, len(held))}
+    results |= _probe_eval(model, recipe, held, test_feats, true, panels, progress)
+    plot_confusions(panels, held, out / "confusion.png")
+    results["held_out_classes"] = held
+    results["test_images_heldout"] = len(test_idx)
+    return results
+
+
+def _probe_eval(model: DualEncoder, recipe: ClipRecipe, held: list[str], test_feats: torch.Tensor,
+                true: list[int], panels: dict[str, np.ndarray], progress: bool) -> dict[str, float]:
+    """The supervised baseline: a linear probe on the same frozen features, trained with labels."""
+    from llava_lite.data import fashion_mnist
+
+    classes = fashion_mnist.CLASSES
+    xtr, ytr = fashion_mnist.load("train", cache_dir() / "data")
+    results = {}
+    for shots in recipe.probe_shots:
+        per_class = shots or 1000
+        tr_idx = _per_class(ytr, [classes.index(c) for c in held], per_class, recipe.seed)
+        tr_feats = pooled_features(model, "fashion-train-heldout", [f"fm-train-{i}" for i in tr_idx],
+                                   lambda k, tr_idx=tr_idx: _gray_to_rgb(xtr[tr_idx[k]]),
+                                   recipe.feature_batch_size, progress)
+        tr_y = torch.tensor([held.index(classes[ytr[i]]) for i in tr_idx])
+        pred = linear_probe(tr_feats, tr_y, test_feats, len(held)).tolist()
+        acc = float(np.mean([p == t for p, t in zip(pred, true, strict=True)]))
+        results[f"linear_probe_{per_class}_per_class_acc"] = acc
+        panels[f"linear probe, {per_class}/class ({acc:.1%})"] = _confusion(true, pred, len(held))
+    return results
+
+
+def _retrieval_eval(model: DualEncoder, recipe: ClipRecipe, progress: bool) -> dict[str, Any]:
+    """R@K between easy-VQA test images and their captions (identical captions merged)."""
+    from llava_lite.data.easyvqa import caption_text, image_facts, image_paths
+
+    facts, paths = image_facts("test"), image_paths("test")
+    ids = sorted(facts)
+    feats = pooled_features(model, "easyvqa-test", [paths[i] for i in ids],
+                            lambda k: load_image(paths[ids[k]]), recipe.feature_batch_size, progress)
+    captions = [caption_text(facts[i]) for i in ids]
+    texts = list(dict.fromkeys(captions))
+    images_of: list[set[int]] = [set() for _ in texts]
+    for i, c in enumerate(captions):
+        images_of[texts.index(c)].add(i)
+    r = retrieval_metrics(model.embed_image_features(feats), model.encode_texts(texts), text_image=images_of)
+    return {**r, "images": len(ids), "distinct_captions": len(texts)}
+
+
+def evaluate(model: DualEncoder, recipe: ClipRecipe, out: Path, progress: bool = True) -> dict[str, Any]:
+    """The recipe's evaluation, written to eval.json and eval.md (and confusion.png)."""
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
-    scale = model.logit_scale()
     if recipe.eval_zero_shot and recipe.held_out_classes:
-        classes = fashion_mnist.CLASSES
-        held = list(recipe.held_out_classes)
-        seen = [c for c in classes if c not in held]
-        xt, yt = fashion_mnist.load("test", root)
-        test_idx = [i for i in range(len(yt)) if classes[yt[i]] in held]
-        test_feats = pooled_features(model, "fashion-test-heldout", [f"fm-test-{i}" for i in test_idx],
-                                     lambda k: _gray_to_rgb(xt[test_idx[k]]), recipe.feature_batch_size, progress)
-        emb = model.embed_image_features(test_feats)
-        true = [held.index(classes[yt[i]]) for i in test_idx]
-        zs = (scale * emb @ class_embeddings(model, held, DEFAULT_TEMPLATES).T).argmax(-1).tolist()
-        all10 = (emb @ class_embeddings(model, list(classes), DEFAULT_TEMPLATES).T).argmax(-1).tolist()
-        results["zero_shot_heldout_acc"] = float(np.mean([p == t for p, t in zip(zs, true, strict=True)]))
-        results["zero_shot_heldout_among_all10_acc"] = float(np.mean(
-            [classes[p] == held[t] for p, t in zip(all10, true, strict=True)]))
-        seen_idx = _per_class(yt, [classes.index(c) for c in seen], 100, recipe.seed)
-        seen_feats = pooled_features(model, "fashion-test-seen", [f"fm-test-{i}" for i in seen_idx],
-                                     lambda k: _gray_to_rgb(xt[seen_idx[k]]), recipe.feature_batch_size, progress)
-        seen_pred = (model.embed_image_features(seen_feats) @ class_embeddings(model, seen, DEFAULT_TEMPLATES).T
-                     ).argmax(-1).tolist()
-        results["zero_shot_seen_acc"] = float(np.mean(
-            [seen[p] == classes[yt[i]] for p, i in zip(seen_pred, seen_idx, strict=True)]))
-        results["chance_heldout"] = 1 / len(held)
-        # The supervised baseline: a linear probe on the same frozen features, trained with labels.
-        xtr, ytr = fashion_mnist.load("train", root)
-        panels = {f"zero-shot ({results['zero_shot_heldout_acc']:.1%})": _confusion(true, zs, len(held))}
-        for shots in recipe.probe_shots:
-            per_class = shots or 1000
-            tr_idx = _per_class(ytr, [classes.index(c) for c in held], per_class, recipe.seed)
-            tr_feats = pooled_features(model, "fashion-train-heldout", [f"fm-train-{i}" for i in tr_idx],
-                                       lambda k, tr_idx=tr_idx: _gray_to_rgb(xtr[tr_idx[k]]),
-                                       recipe.feature_batch_size, progress)
-            tr_y = torch.tensor([held.index(classes[ytr[i]]) for i in tr_idx])
-            pred = linear_probe(tr_feats, tr_y, test_feats, len(held)).tolist()
-            acc = float(np.mean([p == t for p, t in zip(pred, true, strict=True)]))
-            results[f"linear_probe_{per_class}_per_class_acc"] = acc
-            panels[f"linear probe, {per_class}/class ({acc:.1%})"] = _confusion(true, pred, len(held))
-        plot_confusions(panels, held, out / "confusion.png")
-        results["held_out_classes"] = held
-        results["test_images_heldout"] = len(test_idx)
+        results |= _zero_shot_eval(model, recipe, out, progress)
     if recipe.retrieval_set == "easyvqa-test":
-        from llava_lite.data.easyvqa import caption_text, image_facts, image_paths
-
-        facts, paths = image_facts("test"), image_paths("test")
-        ids = sorted(facts)
-        feats = pooled_features(model, "easyvqa-test", [paths[i] for i in ids],
-                                lambda k: load_image(paths[ids[k]]), recipe.feature_batch_size, progress)
-        captions = [caption_text(facts[i]) for i in ids]
-        texts = list(dict.fromkeys(captions))
-        images_of: list[set[int]] = [set() for _ in texts]
-        for i, c in enumerate(captions):
-            images_of[texts.index(c)].add(i)
-        r = retrieval_metrics(model.embed_image_features(feats), model.encode_texts(texts), text_image=images_of)
-        results["retrieval_easyvqa_test"] = {**r, "images": len(ids), "distinct_captions": len(texts)}
+        results["retrieval_easyvqa_test"] = _retrieval_eval(model, recipe, progress)
     (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["| measure | value |", "|---|---|"]
     for k, v in results.items():

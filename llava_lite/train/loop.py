@@ -1,46 +1,40 @@
-"""One training stage on accelerate: data checked up front, cached tower features, token-
-weighted loss over the global batch, periodic atomic checkpoints and exact resume."""
+"""One training stage on accelerate: the model a stage starts from, its data checked up front,
+cached tower features, exact resume, and the final model with its stage-end evaluation. The
+steps themselves are `llava_lite.train.stepping`."""
 
 from __future__ import annotations
 
 import json
 import math
-import signal
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from llava_lite.checkpoint import PROJECTOR_NAME, build_model, load_checkpoint, save_checkpoint
 from llava_lite.config import ConfigError, LlavaLiteConfig
 from llava_lite.contrastive import LogitScale, clip_loss
 from llava_lite.feature_cache import FeatureCache
-from llava_lite.images import load_image
 from llava_lite.llava_data import DataValidationError, encode_rows, load_rows
 from llava_lite.lora import add_lora, is_peft
 from llava_lite.packaged import cache_dir
 from llava_lite.prompting import IGNORE_INDEX
-from llava_lite.train.batching import BatchSchedule, shard
-from llava_lite.train.packing import Pack, pack_attention, pack_rows, single
+from llava_lite.train.batching import BatchSchedule
+from llava_lite.train.packing import pack_rows, single
 from llava_lite.train.recipe import StageConfig, TrainRecipe
-from llava_lite.train.state import clean_partial, latest_checkpoint, load_train_state, save_train_state
+from llava_lite.train.state import MODEL_DIR, clean_partial, latest_checkpoint, load_train_state
+from llava_lite.train.stepping import (  # noqa: F401 - the exceptions are part of this module's interface
+    METRICS,
+    StageData,
+    StageRun,
+    TrainingDivergedError,
+    TrainingInterrupted,
+    train_loop,
+)
 
-METRICS = "metrics.jsonl"
 STAGE_DONE = "stage.json"
-MODEL_DIR = "model"
-
-
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left intact."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM: a checkpoint was saved before stopping."""
 
 
 class TrainModule(nn.Module):
@@ -68,14 +62,6 @@ class TrainModule(nn.Module):
         mask = (labels != IGNORE_INDEX).unsqueeze(-1).to(text.dtype)
         pooled_text = (text * mask).sum(1) / mask.sum(1).clamp(min=1)
         return ce_sum, clip_loss(image_embeds.mean(1), pooled_text, self.logit_scale())
-
-
-@dataclass
-class StageData:
-    rows: list[Pack]  # training items: single rows, or prefix-shared packs of rows
-    problems: list[str]
-    label_counts: list[int]
-    num_rows: int
 
 
 def load_stage_data(recipe: TrainRecipe, stage: StageConfig, processor, progress: bool = True) -> StageData:
@@ -150,46 +136,6 @@ def _scheduler(optimizer, stage: StageConfig, total: int):
     return get_cosine_schedule_with_warmup(optimizer, warmup, total)
 
 
-class _StopFlag:
-    """First Ctrl-C/SIGTERM asks for a save at the end of the current step; a second one stops now."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-def _collate(packs: list[Pack], processor, cache: FeatureCache | None, tower, packed: bool) -> dict[str, torch.Tensor]:
-    input_ids, attention_mask = processor.pad([p.input_ids for p in packs], side="right")
-    labels, _ = processor.pad([p.labels for p in packs], side="right", value=IGNORE_INDEX)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    if packed:
-        batch["attention_mask"], batch["position_ids"] = pack_attention(packs, input_ids.shape[1])
-    images = [p for pack in packs for p in pack.images]
-    if images:
-        if cache is not None:
-            batch["vision_features"] = cache.get_many(images).float()
-        else:
-            batch["pixel_values"] = tower.preprocess([load_image(p) for p in images])
-    return batch
-
-
 def _trim_metrics(path: Path, last_step: int) -> None:
     """On resume, drop metric lines past the checkpoint (they will be logged again)."""
     if not path.is_file():
@@ -204,6 +150,95 @@ def _trim_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(k + "\n" for k in keep))
 
 
+def _accelerator(recipe: TrainRecipe, stage: StageConfig, stage_name: str):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+    # A micro-batch of text-only rows leaves the projector unused; DDP must allow that.
+    accelerator = Accelerator(mixed_precision="no" if recipe.precision == "fp32" else recipe.precision,
+                              cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if recipe.num_threads:
+        torch.set_num_threads(recipe.num_threads)
+    set_seed(recipe.seed)
+    world = accelerator.num_processes
+    per_process = stage.batch_size // world
+    if stage.batch_size % world or per_process % stage.micro_batch_size:
+        raise ConfigError(
+            f"{stage_name}: batch_size={stage.batch_size} does not split into {world} process(es) "
+            f"x micro_batch_size={stage.micro_batch_size}"
+        )
+    return accelerator
+
+
+def _setup(recipe: TrainRecipe, stage_name: str, out: Path, init_from: Path | None, progress: bool) -> StageRun:
+    """Model, data and cached features, in the order that keeps runs reproducible."""
+    stage = recipe.stage(stage_name)
+    accelerator = _accelerator(recipe, stage, stage_name)
+    main = accelerator.is_main_process
+    model, processor = build_stage_model(recipe, stage, init_from)
+    if recipe.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with accelerator.main_process_first():
+        data = load_stage_data(recipe, stage, processor, progress=progress and main)
+    if main and data.problems:
+        print(f"[{stage_name}] skipped {len(data.problems)} bad rows (skip_bad); first: {data.problems[0]}")
+    cache, t_cache = None, time.perf_counter()
+    if recipe.cache_features:
+        cache = FeatureCache(cache_dir() / "features", model.config.vision)
+        images = sorted({p for r in data.rows for p in r.images})
+        with accelerator.main_process_first():
+            cache.build(images, model.vision_tower, batch_size=recipe.feature_batch_size, progress=progress and main)
+    run = StageRun(recipe, stage, stage_name, out, accelerator, processor, data, cache,
+                   cache_seconds=time.perf_counter() - t_cache)
+    run.module = TrainModule(model, contrastive=stage.contrastive_weight > 0)
+    run.module.to(accelerator.device)
+    run.optimizer = torch.optim.AdamW(_param_groups(run.module, stage), weight_decay=stage.weight_decay)
+    run.schedule = BatchSchedule([len(r.input_ids) for r in data.rows], stage.batch_size, recipe.seed,
+                                 recipe.group_by_length)
+    run.total = stage.max_steps or max(1, math.ceil(stage.epochs * run.schedule.steps_per_epoch))
+    run.scheduler = _scheduler(run.optimizer, stage, run.total)
+    return run
+
+
+def _resume(run: StageRun, resume: bool) -> int:
+    """The step to start from: 0, or the newest checkpoint's (its weights and state loaded)."""
+    clean_partial(run.ckpt_root)
+    last = latest_checkpoint(run.ckpt_root) if resume else None
+    if not resume and run.ckpt_root.is_dir() and any(run.ckpt_root.iterdir()):
+        raise ConfigError(f"{run.out}: holds checkpoints of an earlier run; pass --resume or choose another --output")
+    start = 0
+    if last is not None:
+        _load_model_weights(run.module, last / MODEL_DIR)
+        meta, extra = load_train_state(last, run.optimizer, run.scheduler)
+        if "logit_scale" in extra and run.module.logit_scale is not None:
+            run.module.logit_scale.log_scale.data.copy_(extra["logit_scale"])
+        start = meta["step"]
+        if run.main:
+            print(f"[{run.name}] resumed from {last} at step {start}/{run.total}")
+    metrics_path = run.out / METRICS
+    if run.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        if start:
+            _trim_metrics(metrics_path, start)
+        elif metrics_path.exists():
+            metrics_path.unlink()
+    return start
+
+
+def _finish(run: StageRun, result: dict[str, Any], progress: bool) -> None:
+    """The final model, the loss plot and the stage-end evaluation (main process)."""
+    from llava_lite.eval.evaluate import run_stage_eval
+    from llava_lite.train.plots import plot_loss
+
+    run.unwrapped.model.eval()
+    save_checkpoint(run.unwrapped.model, run.out / MODEL_DIR)
+    plot_loss(run.out / METRICS, run.out / "loss.png", title=f"{run.recipe.name}: {run.name}")
+    t_eval = time.perf_counter()
+    result["eval"] = run_stage_eval(run.unwrapped.model, run.processor, run.stage.eval, run.out, progress=progress)
+    result["eval_seconds"] = round(time.perf_counter() - t_eval, 2)
+
+
 def train_stage(
     recipe: TrainRecipe,
     stage_name: str,
@@ -213,171 +248,23 @@ def train_stage(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train one stage into `out_dir` (its final model goes to `out_dir/model`)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
-
     wall0 = time.perf_counter()
-    stage = recipe.stage(stage_name)
     out = Path(out_dir)
-    ckpt_root = out / "checkpoints"
-    # A micro-batch of text-only rows leaves the projector unused; DDP must allow that.
-    accelerator = Accelerator(mixed_precision="no" if recipe.precision == "fp32" else recipe.precision,
-                              cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    main = accelerator.is_main_process
-    if recipe.num_threads:
-        torch.set_num_threads(recipe.num_threads)
-    set_seed(recipe.seed)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_process = stage.batch_size // world
-    if stage.batch_size % world or per_process % stage.micro_batch_size:
-        raise ConfigError(
-            f"{stage_name}: batch_size={stage.batch_size} does not split into {world} process(es) "
-            f"x micro_batch_size={stage.micro_batch_size}"
-        )
-    model, processor = build_stage_model(recipe, stage, init_from)
-    if recipe.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    with accelerator.main_process_first():
-        data = load_stage_data(recipe, stage, processor, progress=progress and main)
-    if main and data.problems:
-        print(f"[{stage_name}] skipped {len(data.problems)} bad rows (skip_bad); first: {data.problems[0]}")
-
-    cache = None
-    t_cache = time.perf_counter()
-    if recipe.cache_features:
-        cache = FeatureCache(cache_dir() / "features", model.config.vision)
-        images = sorted({p for r in data.rows for p in r.images})
-        with accelerator.main_process_first():
-            cache.build(images, model.vision_tower, batch_size=recipe.feature_batch_size, progress=progress and main)
-    cache_seconds = time.perf_counter() - t_cache
-
-    module = TrainModule(model, contrastive=stage.contrastive_weight > 0)
-    module.to(accelerator.device)
-    optimizer = torch.optim.AdamW(_param_groups(module, stage), weight_decay=stage.weight_decay)
-    schedule = BatchSchedule([len(r.input_ids) for r in data.rows], stage.batch_size, recipe.seed,
-                             recipe.group_by_length)
-    total = stage.max_steps or max(1, math.ceil(stage.epochs * schedule.steps_per_epoch))
-    scheduler = _scheduler(optimizer, stage, total)
-
-    start = 0
-    clean_partial(ckpt_root)
-    last = latest_checkpoint(ckpt_root) if resume else None
-    if not resume and ckpt_root.is_dir() and any(ckpt_root.iterdir()):
-        raise ConfigError(f"{out}: holds checkpoints of an earlier run; pass --resume or choose another --output")
-    if last is not None:
-        _load_model_weights(module, last / "model")
-        meta, extra = load_train_state(last, optimizer, scheduler)
-        if "logit_scale" in extra and module.logit_scale is not None:
-            module.logit_scale.log_scale.data.copy_(extra["logit_scale"])
-        start = meta["step"]
-        if main:
-            print(f"[{stage_name}] resumed from {last} at step {start}/{total}")
-    metrics_path = out / METRICS
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if start:
-            _trim_metrics(metrics_path, start)
-        elif metrics_path.exists():
-            metrics_path.unlink()
-    module, optimizer = accelerator.prepare(module, optimizer)
-    unwrapped: TrainModule = accelerator.unwrap_model(module)
-    trainable = [p for p in unwrapped.parameters() if p.requires_grad]
-    micro = stage.micro_batch_size
-
-    def save(step: int) -> None:
-        if main:
-            extra = {}
-            if unwrapped.logit_scale is not None:
-                extra["logit_scale"] = unwrapped.logit_scale.log_scale.detach()
-            save_train_state(ckpt_root, step, unwrapped.model, optimizer, scheduler,
-                             {"stage": stage_name, "total_steps": total}, recipe.keep_last, extra)
-        accelerator.wait_for_everyone()
-
-    bar = tqdm(total=total, initial=start, desc=stage_name, unit="step", disable=not (progress and main))
+    run = _setup(recipe, stage_name, out, init_from, progress)
+    start = _resume(run, resume)
+    run.module, run.optimizer = run.accelerator.prepare(run.module, run.optimizer)
+    run.unwrapped = run.accelerator.unwrap_model(run.module)
     t_train = time.perf_counter()
-    last_loss = float("nan")
-    module.train()
-    with _StopFlag() as stop, open(metrics_path, "a") if main else nullcontext() as log:
-        for step in range(start, total):
-            t_step = time.perf_counter()
-            global_batch = schedule.batch(step)
-            n_tokens = sum(data.label_counts[i] for i in global_batch)
-            mine = shard(global_batch, rank, world)
-            chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
-            ce_total = torch.zeros((), device=accelerator.device)
-            con_total = torch.zeros((), device=accelerator.device)
-            for k, idx in enumerate(chunks):
-                batch = _collate([data.rows[i] for i in idx], processor, cache, unwrapped.model.vision_tower,
-                                 stage.pack_shared_prefix)
-                batch = {key: v.to(accelerator.device) for key, v in batch.items()}
-                sync = accelerator.no_sync(module) if k < len(chunks) - 1 else nullcontext()
-                with sync:
-                    with accelerator.autocast():
-                        ce_sum, con = module(**batch)
-                    # DDP averages gradients over processes, hence the factor `world`: the step's
-                    # gradient is that of the mean token loss over the whole global batch.
-                    loss = ce_sum.float() * world / n_tokens
-                    if con is not None:
-                        loss = loss + stage.contrastive_weight * con / len(chunks)
-                        con_total += con.detach() / len(chunks)
-                    accelerator.backward(loss)
-                ce_total += ce_sum.detach().float()
-            ce_total = accelerator.reduce(ce_total, "sum")
-            con_total = accelerator.reduce(con_total, "mean")
-            step_loss = (ce_total / n_tokens).item()
-            if not math.isfinite(step_loss):
-                raise TrainingDivergedError(
-                    f"[{stage_name}] loss is {step_loss} at step {step + 1}; stopped before updating the model. "
-                    f"Last good checkpoint: {latest_checkpoint(ckpt_root) or 'none yet'}. Lower the learning "
-                    "rate or use fp32/bf16."
-                )
-            grad_norm = accelerator.clip_grad_norm_(trainable, stage.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            last_loss = step_loss
-            dt = time.perf_counter() - t_step
-            lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
-            if main:
-                record = {"stage": stage_name, "step": step + 1, "loss": round(step_loss, 6),
-                          "lr": lrs.get("lora"), "projector_lr": lrs.get("projector"),
-                          "grad_norm": round(float(grad_norm), 5), "samples_per_s": round(stage.batch_size / dt, 3),
-                          "tokens": n_tokens, "step_s": round(dt, 3),
-                          "elapsed_s": round(time.perf_counter() - t_train, 2)}
-                if stage.contrastive_weight > 0:
-                    record["contrastive"] = round(con_total.item(), 6)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{max(lrs.values()):.2e}",
-                                samples_s=f"{stage.batch_size / dt:.1f}")
-                bar.update(1)
-            done = step + 1
-            if done % recipe.save_every == 0 or done == total or stop.requested:
-                save(done)
-            if stop.requested:
-                bar.close()
-                raise TrainingInterrupted(f"[{stage_name}] stopped at step {done}; checkpoint saved. "
-                                          "Run again with --resume to continue.")
-    bar.close()
-    train_seconds = time.perf_counter() - t_train
-    result: dict[str, Any] = {"stage": stage_name, "steps": total, "resumed_from": start,
-                              "final_loss": last_loss, "train_seconds": round(train_seconds, 2),
-                              "feature_cache_seconds": round(cache_seconds, 2),
-                              "rows": data.num_rows, "packs": len(data.rows), "skipped_rows": len(data.problems)}
-    if main:
-        unwrapped.model.eval()
-        save_checkpoint(unwrapped.model, out / MODEL_DIR)
-        from llava_lite.eval.evaluate import run_stage_eval
-        from llava_lite.train.plots import plot_loss
-
-        plot_loss(metrics_path, out / "loss.png", title=f"{recipe.name}: {stage_name}")
-        t_eval = time.perf_counter()
-        result["eval"] = run_stage_eval(unwrapped.model, processor, stage.eval, out, progress=progress)
-        result["eval_seconds"] = round(time.perf_counter() - t_eval, 2)
+    last_loss = train_loop(run, start, progress)
+    result: dict[str, Any] = {"stage": stage_name, "steps": run.total, "resumed_from": start,
+                              "final_loss": last_loss, "train_seconds": round(time.perf_counter() - t_train, 2),
+                              "feature_cache_seconds": round(run.cache_seconds, 2), "rows": run.data.num_rows,
+                              "packs": len(run.data.rows), "skipped_rows": len(run.data.problems)}
+    if run.main:
+        _finish(run, result, progress)
         result["wall_seconds"] = round(time.perf_counter() - wall0, 2)
         (out / STAGE_DONE).write_text(json.dumps(result, indent=2) + "\n")
-    accelerator.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
     return result
 
 

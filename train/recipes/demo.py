@@ -24,56 +24,68 @@ def recipe() -> TrainRecipe:
                               projector=ProjectorConfig(name="ln_mlp2x_gelu"),
                               lora=LoraConfig(r=16, alpha=32, dropout=0.0), max_length=1024),
         precision="bf16",
-        align=StageConfig(
-            # Projector only, LLM frozen: learn to describe shapes and colours.
-            data=[DataSpec(name="easyvqa-captions"), DataSpec(name="scenes-captions", args=SCENES)],
-            train_projector=True, lora=False,
-            max_steps=30, batch_size=32, micro_batch_size=16,
-            projector_lr=2e-3, warmup_ratio=0.05,
-            contrastive_weight=0.1,
-            eval=[EvalSpec(name="easyvqa-test", args={"limit": 100}, batch_size=32)],
-        ),
-        adapter=StageConfig(
-            # LoRA + projector on short-answer VQA: single-question rows, packed per image with
-            # their shared prefix (each question sees only the image, as at inference).
-            # `easyvqa-presence` balances easy-VQA's yes/no questions (82% "absent" otherwise,
-            # and the model answers from that prior without looking); a high LoRA learning rate
-            # gets it past that plateau within the budget. `easyvqa-colors` names every training
-            # image's colour (without it brown was called red half the time). `general-replay`
-            # (the base LLM's own answers to general prompts) keeps one-word answers out of
-            # general chat.
-            # What users meet: `plain` asks that share of the questions as people type them (no
-            # instruction, any case, sometimes reworded) with a sentence answer; `pairs` and
-            # `presence` add colour-and-shape existence probes, half of them absent objects
-            # that differ in one attribute; scene captions name every object and nothing else.
-            data=[DataSpec(name="easyvqa-vqa", args=PLAIN),
-                  DataSpec(name="easyvqa-presence", args={**PLAIN, "pairs": True}),
-                  DataSpec(name="easyvqa-colors", args=PLAIN),
-                  DataSpec(name="scenes-vqa", args={**SCENES_VQA, **PLAIN, "presence": 2}),
-                  DataSpec(name="scenes-captions", args=SCENES_VQA),
-                  DataSpec(name="general-replay", args={"repeat": 5})],
-            train_projector=True, lora=True, pack_shared_prefix=True, max_pack=24,
-            max_steps=330, batch_size=8, micro_batch_size=8,
-            lr=2e-3, projector_lr=1e-3, warmup_ratio=0.05,
-            eval=[EvalSpec(name="easyvqa-test", args={"limit": 100}, batch_size=32)],
-        ),
-        instruct=StageConfig(
-            # Multi-turn dialogues (sentence answers, then a description), short-answer and
-            # presence rows so that format is kept, and the text-only replay; loss on answers
-            # only. Short and gentle: a longer, hotter instruct stage cost colour accuracy.
-            data=[DataSpec(name="easyvqa-conversations"), DataSpec(name="scenes-dialogues", args=SCENES),
-                  DataSpec(name="easyvqa-vqa", args={"seed": 1, **PLAIN}, limit=8000),
-                  DataSpec(name="easyvqa-presence", args={"seed": 1, **PLAIN, "pairs": True}, limit=4000),
-                  DataSpec(name="easyvqa-colors", args={"seed": 1, **PLAIN}, limit=2000),
-                  DataSpec(name="scenes-vqa", args={**SCENES_VQA, **PLAIN, "presence": 2}, limit=4000),
-                  DataSpec(name="general-replay", args={"repeat": 3})],
-            train_projector=True, lora=True, pack_shared_prefix=True, max_pack=24,
-            max_steps=30, batch_size=8, micro_batch_size=8,
-            lr=1e-4, projector_lr=5e-5, warmup_ratio=0.05,
-            # small stage-end checks: the full evaluation is `llava-lite eval`
-            eval=[EvalSpec(name="easyvqa-test", args={"limit": 100}, batch_size=32),
-                  EvalSpec(name="scenes-test", args={"n": 20, "limit": 100}, batch_size=32)],
-        ),
+        align=align(),
+        adapter=adapter(),
+        instruct=instruct(),
         save_every=25,
         keep_last=2,
+    )
+
+
+def align() -> StageConfig:
+    return StageConfig(
+        # Projector only, LLM frozen: learn to describe shapes and colours.
+        data=[DataSpec(name="easyvqa-captions"), DataSpec(name="scenes-captions", args=SCENES)],
+        train_projector=True, lora=False,
+        max_steps=30, batch_size=32, micro_batch_size=16,
+        projector_lr=2e-3, warmup_ratio=0.05,
+        contrastive_weight=0.1,
+        eval=[EvalSpec(name="easyvqa-test", args={"limit": 100}, batch_size=32)],
+    )
+
+
+def adapter() -> StageConfig:
+    return StageConfig(
+        # LoRA + projector on short-answer VQA: single-question rows, packed per image with
+        # their shared prefix (each question sees only the image, as at inference).
+        # `easyvqa-presence` balances easy-VQA's yes/no questions (82% "absent" otherwise,
+        # and the model answers from that prior without looking); a high LoRA learning rate
+        # gets it past that plateau within the budget. `easyvqa-colors` names every training
+        # image's colour (without it brown was called red half the time). `general-replay`
+        # (the base LLM's own answers to general prompts) keeps one-word answers out of
+        # general chat.
+        # What users meet: `plain` asks that share of the questions as people type them (no
+        # instruction, any case, sometimes reworded) with a sentence answer; `pairs` and
+        # `presence` add colour-and-shape existence probes, half of them absent objects
+        # that differ in one attribute; scene captions name every object and nothing else.
+        data=[DataSpec(name="easyvqa-vqa", args=PLAIN),
+              DataSpec(name="easyvqa-presence", args={**PLAIN, "pairs": True}),
+              DataSpec(name="easyvqa-colors", args=PLAIN),
+              DataSpec(name="scenes-vqa", args={**SCENES_VQA, **PLAIN, "presence": 2}),
+              DataSpec(name="scenes-captions", args=SCENES_VQA),
+              DataSpec(name="general-replay", args={"repeat": 5})],
+        train_projector=True, lora=True, pack_shared_prefix=True, max_pack=24,
+        max_steps=330, batch_size=8, micro_batch_size=8,
+        lr=2e-3, projector_lr=1e-3, warmup_ratio=0.05,
+        eval=[EvalSpec(name="easyvqa-test", args={"limit": 100}, batch_size=32)],
+    )
+
+
+def instruct() -> StageConfig:
+    return StageConfig(
+        # Multi-turn dialogues (sentence answers, then a description), short-answer and
+        # presence rows so that format is kept, and the text-only replay; loss on answers
+        # only. Short and gentle: a longer, hotter instruct stage cost colour accuracy.
+        data=[DataSpec(name="easyvqa-conversations"), DataSpec(name="scenes-dialogues", args=SCENES),
+              DataSpec(name="easyvqa-vqa", args={"seed": 1, **PLAIN}, limit=8000),
+              DataSpec(name="easyvqa-presence", args={"seed": 1, **PLAIN, "pairs": True}, limit=4000),
+              DataSpec(name="easyvqa-colors", args={"seed": 1, **PLAIN}, limit=2000),
+              DataSpec(name="scenes-vqa", args={**SCENES_VQA, **PLAIN, "presence": 2}, limit=4000),
+              DataSpec(name="general-replay", args={"repeat": 3})],
+        train_projector=True, lora=True, pack_shared_prefix=True, max_pack=24,
+        max_steps=30, batch_size=8, micro_batch_size=8,
+        lr=1e-4, projector_lr=5e-5, warmup_ratio=0.05,
+        # small stage-end checks: the full evaluation is `llava-lite eval`
+        eval=[EvalSpec(name="easyvqa-test", args={"limit": 100}, batch_size=32),
+              EvalSpec(name="scenes-test", args={"n": 20, "limit": 100}, batch_size=32)],
     )
