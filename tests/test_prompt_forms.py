@@ -11,7 +11,7 @@ from llava_lite.eval.prompt_forms import forms_table, is_negated, phrase, summar
 
 EASYVQA = {"yes", "no", "circle", "rectangle", "triangle", "red", "green", "blue", "yellow", "teal", "brown",
            "gray", "black"}
-SCENES = EASYVQA | {"square", "1", "2", "3", "4", "top left", "top right", "bottom left", "bottom right"}
+SCENES = EASYVQA | {"square", "0", "1", "2", "3", "4", "top left", "top right", "bottom left", "bottom right"}
 
 
 @pytest.mark.parametrize(("reply", "question", "expected"), [
@@ -21,6 +21,7 @@ SCENES = EASYVQA | {"square", "1", "2", "3", "4", "top left", "top right", "bott
     ("The color of the rectangle is red.", "what color is the rectangle?", "red"),    # the one new answer
     ("The shape in the image is a triangle.", "what shape is in the image?", "triangle"),
     ("There are two shapes.", "how many shapes are there?", "2"),                     # number words
+    ("There are no red shapes.", "how many red shapes are there?", "0"),              # "no" as a count
     ("There is no red circle in the image.", "is there a red circle?", "no"),
     ("The circle is at the top left.", "where is the circle?", "top left"),           # longest phrase
     ("It is red, or maybe brown.", "what color is the shape?", "it"),                 # two answers: none read
@@ -30,7 +31,7 @@ SCENES = EASYVQA | {"square", "1", "2", "3", "4", "top left", "top right", "bott
     ("", "what color is the shape?", ""),
 ])
 def test_extractor_reads_the_answer_people_would_read(reply, question, expected):
-    vocabulary = SCENES if "where" in question or "how many" in question else EASYVQA
+    vocabulary = {"0", "1", "2", "3", "4"} if "how many" in question else SCENES if "where" in question else EASYVQA
     assert extract_answer(reply, question, vocabulary) == expected
 
 

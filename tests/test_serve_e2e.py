@@ -135,7 +135,11 @@ def test_eight_concurrent_sessions_each_get_their_own_answer(server):
     probes: dict[str, str] = {}  # answer -> image
     for image_id in sorted(facts)[:60]:
         answer = ask(paths[image_id])
-        probes.setdefault(answer, paths[image_id])
+        # A borderline image (brown or red?) can flip between identical requests when the
+        # prompt cache or 8-bit kernels change the last bits; such a probe cannot show crosstalk.
+        if answer in probes or ask(paths[image_id]) != answer:
+            continue
+        probes[answer] = paths[image_id]
         if len(probes) == 8:
             break
     assert len(probes) >= 6, f"the model names too few colours to probe crosstalk: {sorted(probes)}"
