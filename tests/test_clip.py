@@ -254,3 +254,11 @@ def test_label_space_needs_a_tower_with_a_classifier_head(tiny_clip_dir):
 
     with pytest.raises(ConfigError, match="no classifier head"):
         LabelSpaceEncoder(VisionConfig(name="clip", model_id=str(tiny_clip_dir)))
+
+
+def test_zero_shot_table_renders_rows_with_different_measures():
+    from llava_lite.eval.zero_shot_table import markdown_table
+
+    md = markdown_table({"a": {"zero-shot": 0.175, "n_test": 10000.0},
+                         "b": {"zero-shot": 0.1, "dual encoder zero-shot": 0.5, "n_test": 899.0}})
+    assert "| a | 17.50% | 10000 |  |" in md and "| b | 10.00% | 899 | 50.00% |" in md

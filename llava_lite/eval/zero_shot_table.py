@@ -76,12 +76,18 @@ def score_set(bridge, data: dict[str, Any], dual=None) -> dict[str, float]:
     zero = (F.normalize(bridge.embed_probs(test_p), dim=-1) @ classes.T).argmax(-1).numpy()
     probe = linear_probe(train_f, torch.as_tensor(train_y), test_f, len(data["classes"])).numpy()
     row = {"label-space zero-shot (no training)": float((zero == test_y).mean()),
-           f"linear probe ({len(train_y)} labelled)": float((probe == test_y).mean()),
-           "chance": 1 / len(data["classes"]), "n_test": float(len(test_y))}
+           "linear probe": float((probe == test_y).mean()), "chance": 1 / len(data["classes"]),
+           "n_probe_train": float(len(train_y)), "n_test": float(len(test_y))}
     if dual is not None:
         pred = zero_shot_classify(dual, _rgb(test_x), data["classes"], [data["template"]]).indices.numpy()
         row["dual encoder zero-shot"] = float((pred == test_y).mean())
     return row
+
+
+def _cell(value: float | None, column: str) -> str:
+    if value is None:
+        return ""
+    return f"{int(value)}" if column.startswith("n_") else f"{value:.2%}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,13 +105,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = {d["name"]: score_set(bridge, d, dual) for d in (digits(), fashion_mnist(args.probe_train))}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "result.json").write_text(json.dumps(table, indent=2) + "\n")
+    md = markdown_table(table)
+    (args.out / "result.md").write_text(md)
+    print(md, end="")
+    return 0
+
+
+def markdown_table(table: dict[str, dict[str, float]]) -> str:
+    """One row per set, one column per measure (counts as integers, the rest as percentages)."""
     cols = list(dict.fromkeys(k for row in table.values() for k in row))
     lines = ["| set | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    lines += [f"| {name} | " + " | ".join(f"{row[c]:.2%}" if c != "n_test" else f"{int(row[c])}" for c in cols)
-              + " |" for name, row in table.items()]
-    (args.out / "result.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    lines += [f"| {name} | " + " | ".join(_cell(row.get(c), c) for c in cols) + " |" for name, row in table.items()]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
