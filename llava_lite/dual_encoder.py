@@ -73,6 +73,14 @@ class TextEncoder:
     hidden_size: int
     pool: Callable[[Any, torch.Tensor], torch.Tensor]  # (model output, attention mask) -> (B, H)
 
+    def pooled(self, texts: Sequence[str], max_length: int, device: torch.device | None = None) -> torch.Tensor:
+        """(B, hidden_size) pooled encoder outputs of `texts`."""
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+                               return_tensors="pt")
+        if device is not None:
+            batch = batch.to(device)
+        return self.pool(self.model(**batch), batch["attention_mask"])
+
 
 def _mean_pool(output, mask: torch.Tensor) -> torch.Tensor:
     hidden = output.last_hidden_state
@@ -113,7 +121,7 @@ class DualEncoder(nn.Module):
             for p in self.tower.parameters():
                 p.requires_grad_(True)
         text = TEXT_ENCODERS.get(config.text.name)(config.text)
-        self.text_model, self.tokenizer, self._pool = text.model, text.tokenizer, text.pool
+        self.text_model, self.tokenizer, self._text = text.model, text.tokenizer, text
         if config.lock_text:
             self.text_model.requires_grad_(False)
         self.image_head = nn.Linear(self.tower.hidden_size, config.embed_dim, bias=False)
@@ -137,10 +145,8 @@ class DualEncoder(nn.Module):
         return F.normalize(self.image_head(pooled.to(self.device).float()), dim=-1)
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.config.text.max_length,
-                               return_tensors="pt").to(self.device)
-        out = self.text_model(**batch)
-        return F.normalize(self.text_head(self._pool(out, batch["attention_mask"]).float()), dim=-1)
+        pooled = self._text.pooled(texts, self.config.text.max_length, self.device)
+        return F.normalize(self.text_head(pooled.float()), dim=-1)
 
     def loss(self, pooled_images: torch.Tensor, texts: Sequence[str], labels: torch.Tensor | None = None,
              hard_negatives: int | None = None) -> torch.Tensor:

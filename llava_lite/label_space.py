@@ -35,8 +35,9 @@ class LabelSpaceEncoder:
         if self.tower.class_names is None:
             raise ConfigError(f"vision tower {vision.name!r} has no classifier head, so it has no label space; "
                               "a CLIP tower has its own text side (use its CLIPModel folder)")
-        self.text = TEXT_ENCODERS.get((text or TextEncoderConfig()).name)(text or TextEncoderConfig())
-        self.max_length = (text or TextEncoderConfig()).max_length
+        text = text or TextEncoderConfig()
+        self.text = TEXT_ENCODERS.get(text.name)(text)
+        self.max_length = text.max_length
         self.top_t = min(top_t, len(self.tower.class_names))
         self.scale = scale
         self._names: torch.Tensor | None = None
@@ -46,12 +47,8 @@ class LabelSpaceEncoder:
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        out = []
-        for start in range(0, len(texts), batch_size):
-            batch = self.text.tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
-                                        max_length=self.max_length, return_tensors="pt")
-            pooled = self.text.pool(self.text.model(**batch), batch["attention_mask"])
-            out.append(F.normalize(pooled.float(), dim=-1))
+        out = [F.normalize(self.text.pooled(texts[start:start + batch_size], self.max_length).float(), dim=-1)
+               for start in range(0, len(texts), batch_size)]
         return torch.cat(out) if out else torch.empty(0, self.text.hidden_size)
 
     def name_embeddings(self) -> torch.Tensor:

@@ -133,11 +133,11 @@ def _short_answer_row(row_id: str, image: str, question: str, answer: str,
         {"from": "human", "value": f"<image>\n{text}"}, {"from": "gpt", "value": reply}]}
 
 
-def _surface(split: str, seed: int, plain: float) -> Callable[[int], tuple | None]:
+def _surface(facts: dict[int, dict[str, str]], seed: int, plain: float) -> Callable[[int], tuple | None]:
     """Per image, the `surface` argument of `_short_answer_row` (None: the trained form only)."""
     if not plain:
         return lambda image_id: None
-    rng, facts = random.Random(seed + 101), image_facts(split)
+    rng = random.Random(seed + 101)
     return lambda image_id: (rng, plain, facts.get(image_id, {}))
 
 
@@ -147,7 +147,7 @@ def build_vqa(split: str = "train", seed: int = 0, plain: float = 0.0) -> list[d
     learnt alone, as it is asked at inference, while the image is paid for once. `plain` is
     the share of rows asked plainly, answered in a sentence (`surface`)."""
     questions, paths = _load(split)
-    surface = _surface(split, seed, plain)
+    surface = _surface(image_facts(split) if plain else {}, seed, plain)
     rows = []
     for index, (q, a, image_id) in enumerate(questions):
         rows.append(_short_answer_row(f"easyvqa-{split}-q{index}", paths[image_id], q, a, surface(image_id)))
@@ -172,9 +172,10 @@ def build_presence(split: str = "train", seed: int = 0, per_image: int = 4, plai
     """
     _, paths = _load(split)
     rng = random.Random(seed + 7)
-    surface = _surface(split, seed, plain)
+    facts = image_facts(split)
+    surface = _surface(facts, seed, plain)
     rows = []
-    for image_id, f in sorted(image_facts(split).items()):
+    for image_id, f in sorted(facts.items()):
         targets = ([f"{f['color']} shape"] if "color" in f else []) + ([f["shape"]] if "shape" in f else [])
         for k in range(per_image):
             if not targets:
@@ -213,9 +214,10 @@ def build_colors(split: str = "train", seed: int = 0, per_image: int = 2, plain:
     the demo model's main errors while a linear probe on the tower separates them."""
     _, paths = _load(split)
     rng = random.Random(seed + 11)
-    surface = _surface(split, seed, plain)
+    facts = image_facts(split)
+    surface = _surface(facts, seed, plain)
     rows = []
-    for image_id, f in sorted(image_facts(split).items()):
+    for image_id, f in sorted(facts.items()):
         if "color" not in f:
             continue
         for k, form in enumerate(rng.sample(COLOR_FORMS, min(per_image, len(COLOR_FORMS)))):

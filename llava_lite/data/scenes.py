@@ -108,18 +108,17 @@ def questions(objects: list[SceneObject], rng: random.Random) -> list[tuple[str,
     if n >= 2:
         a, b = rng.sample(objects, 2)
         if a.col != b.col:
-            left = a.col < b.col
-            qa.append((f"Is the {a.color} {a.shape} to the left of the {b.color} {b.shape}?",
-                       "yes" if left else "no",
-                       f"{'Yes' if left else 'No'}, the {a.color} {a.shape} is to the "
-                       f"{'left' if left else 'right'} of the {b.color} {b.shape}."))
+            qa.append(_relation(a, b, "to the left of", "to the right of", a.col < b.col))
         if a.row != b.row:
-            above = a.row < b.row
-            qa.append((f"Is the {a.color} {a.shape} above the {b.color} {b.shape}?",
-                       "yes" if above else "no",
-                       f"{'Yes' if above else 'No'}, the {a.color} {a.shape} is "
-                       f"{'above' if above else 'below'} the {b.color} {b.shape}."))
+            qa.append(_relation(a, b, "above", "below", a.row < b.row))
     return qa
+
+
+def _relation(a: SceneObject, b: SceneObject, relation: str, opposite: str, holds: bool) -> tuple[str, str, str]:
+    """"Is the <a> <relation> the <b>?" with its short and sentence answers."""
+    first, second = f"{a.color} {a.shape}", f"{b.color} {b.shape}"
+    return (f"Is the {first} {relation} the {second}?", "yes" if holds else "no",
+            f"{'Yes' if holds else 'No'}, the {first} is {relation if holds else opposite} the {second}.")
 
 
 def question_type(question: str) -> str:

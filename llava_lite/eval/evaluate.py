@@ -37,7 +37,6 @@ def run_stage_eval(model, processor, specs: list[EvalSpec], out_dir: Path, progr
 
 # -- `llava-lite eval` ------------------------------------------------------------------------
 EXACT_MATCH_TASKS = {"easyvqa": "easyvqa-test", "scenes": "scenes-test"}
-_TASK_NAMES = ("vqa", "caption", "pope", "alignment", "consistency", "photos")  # llava_lite/eval/tasks.py
 
 
 def parse_forms(text: str) -> list[str]:
@@ -104,6 +103,8 @@ def cmd_eval(args) -> int:
 
 
 def register(sub) -> None:
+    from llava_lite.eval.tasks import TASKS
+
     p = sub.add_parser(
         "eval", help="evaluate a model: easyvqa, scenes, vqa, caption, pope, photos, alignment, consistency",
         description="Tasks: easyvqa/scenes (exact match by answer type); vqa (VQAv2 soft accuracy on "
@@ -115,7 +116,7 @@ def register(sub) -> None:
                     "sampled captions); photos (real photos from scikit-image, scikit-learn and matplotlib: named, "
                     "abstained or invented). Writes result.json, result.md, result.png and predictions.jsonl.")
     p.add_argument("--model", default=None, help="checkpoint (default: the built-in model)")
-    p.add_argument("--task", required=True, choices=sorted({*EXACT_MATCH_TASKS, *_TASK_NAMES}),
+    p.add_argument("--task", required=True, choices=sorted({*EXACT_MATCH_TASKS, *TASKS}),
                    help="evaluation task")
     p.add_argument("--limit", type=int, default=None, help="a seeded random sample of N questions (default: all)")
     p.add_argument("--scenes", type=int, default=200, help="scenes task: number of held-out scenes (default: 200)")

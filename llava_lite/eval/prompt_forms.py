@@ -21,7 +21,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from llava_lite.answer_extraction import answer_tokens, extract_answer
-from llava_lite.exact_match import answer_items, normalize_short_answer
+from llava_lite.data.easyvqa import is_negated
+from llava_lite.exact_match import answer_items
 
 FORMS = ("trained", "raw", "natural")
 NO_NEGATION = "natural, no negation"
@@ -40,11 +41,6 @@ def phrase(item: dict[str, Any], form: str) -> str:
     if form == "natural":
         return raw
     raise ValueError(f"unknown prompt form {form!r}; known: {', '.join(FORMS)}")
-
-
-def is_negated(question: str) -> bool:
-    """easy-VQA's negated questions: "is there not a circle?", "is no blue shape present?"."""
-    return bool({"not", "no"} & set(normalize_short_answer(question).split()))
 
 
 def answer_vocabulary(items: Sequence[dict[str, Any]]) -> dict[str, set[str]]:
