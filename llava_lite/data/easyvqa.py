@@ -54,7 +54,10 @@ def _load(split: str) -> tuple[list[tuple[str, str, int]], dict[int, str]]:
 
 def image_facts(split: str) -> dict[int, dict[str, str]]:
     """Each image's shape and colour, read off the answers to shape and colour questions."""
-    questions, _ = _load(split)
+    return _facts(_load(split)[0])
+
+
+def _facts(questions: list[tuple[str, str, int]]) -> dict[int, dict[str, str]]:
     facts: dict[int, dict[str, str]] = defaultdict(dict)
     for _q, a, image_id in questions:
         kind = answer_type(a)
@@ -141,6 +144,14 @@ def _surface(facts: dict[int, dict[str, str]], seed: int, plain: float) -> Calla
     return lambda image_id: (rng, plain, facts.get(image_id, {}))
 
 
+def _per_image(split: str, seed: int, rng_offset: int, plain: float):
+    """What the per-image builders share, from one read of the annotations: image paths, their
+    own rng, each image's facts and the surface variation."""
+    questions, paths = _load(split)
+    facts = _facts(questions)
+    return paths, random.Random(seed + rng_offset), facts, _surface(facts, seed, plain)
+
+
 def build_vqa(split: str = "train", seed: int = 0, plain: float = 0.0) -> list[dict[str, Any]]:
     """One single-question short-answer row per question (standard LLaVA rows). Training packs
     the rows of an image with a shared prefix (`pack_shared_prefix`), so each question is
@@ -170,10 +181,7 @@ def build_presence(split: str = "train", seed: int = 0, per_image: int = 4, plai
     there a red circle?"), half of them about the image's own object and half about one that
     differs in colour or in shape, the hard negatives of POPE's adversarial set.
     """
-    _, paths = _load(split)
-    rng = random.Random(seed + 7)
-    facts = image_facts(split)
-    surface = _surface(facts, seed, plain)
+    paths, rng, facts, surface = _per_image(split, seed, 7, plain)
     rows = []
     for image_id, f in sorted(facts.items()):
         targets = ([f"{f['color']} shape"] if "color" in f else []) + ([f["shape"]] if "shape" in f else [])
@@ -212,10 +220,7 @@ def build_colors(split: str = "train", seed: int = 0, per_image: int = 2, plain:
     four phrasings. Only 13% of easy-VQA's questions name a colour, and the colour-driven yes/no
     questions need the same skill; brown (vs red), yellow (vs green) and black (vs blue) were
     the demo model's main errors while a linear probe on the tower separates them."""
-    _, paths = _load(split)
-    rng = random.Random(seed + 11)
-    facts = image_facts(split)
-    surface = _surface(facts, seed, plain)
+    paths, rng, facts, surface = _per_image(split, seed, 11, plain)
     rows = []
     for image_id, f in sorted(facts.items()):
         if "color" not in f:
