@@ -256,3 +256,50 @@ def test_rows_that_cannot_share_a_prefix_stay_single(tiny_lite, images, tmp_path
     assert [p.members for p in pack_rows(rows, lite.processor.image_token_id, 16, 256)] == [1, 1]
     rows = _encoded_rows(lite, tmp_path / "a.png", [("Q?", "a"), ("R?", "b"), ("S?", "c")])
     assert [p.members for p in pack_rows(rows, lite.processor.image_token_id, 2, 256)] == [2, 1]
+
+
+def _text_row(lite, question, answer):
+    from llava_lite.llava_data import EncodedRow, Row
+
+    conv = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    enc = lite.processor.encode_training(conv)
+    return EncodedRow(Row("text", [], conv, "t:text"), enc.input_ids, enc.labels)
+
+
+def test_text_only_rows_distil_to_the_base_llm(tiny_lite, images, tmp_path):
+    """With distill_text, an image row keeps its cross-entropy and a text-only row's loss is the
+    KL divergence from the base LLM (adapter disabled) to the adapted one, by hand."""
+    from llava_lite.train.packing import single
+
+    lite = tiny_lite(lora=True, seed=1)
+    images[0].save(tmp_path / "a.png")
+    image_row = _encoded_rows(lite, tmp_path / "a.png", [("What color?", "red")])[0]
+    text_row = _text_row(lite, "Name a fruit.", "An apple, or a pear.")
+    tower = lite.model.vision_tower
+
+    def batch(rows):
+        return stepping.collate([single(r) for r in rows], lite.processor, None, tower, packed=False)
+
+    plain = loop.TrainModule(lite.model, contrastive=False)
+    distil = loop.TrainModule(lite.model, contrastive=False, distill=True)
+    ids = torch.tensor([text_row.input_ids])
+    keep = torch.tensor(text_row.labels[1:]) != -100
+    with torch.no_grad():
+        image_ce = plain(**batch([image_row]))[0]
+        total = distil(**batch([image_row, text_row]))[0]
+        student = lite.model.llm(input_ids=ids).logits[0, :-1][keep].log_softmax(-1)
+        with lite.model.llm.disable_adapter():
+            base = lite.model.llm(input_ids=ids).logits[0, :-1][keep].log_softmax(-1)
+    kl = (base.exp() * (base - student)).sum()
+    assert kl.item() > 1e-3  # the randomised adapter really moves the text distribution
+    assert total.item() == pytest.approx(image_ce.item() + kl.item(), rel=1e-4)
+    # gradient from the text row alone reaches the adapter
+    loss = distil(**batch([text_row]))[0]
+    loss.backward()
+    grads = [p.grad for n, p in lite.model.llm.named_parameters() if "lora_" in n and p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_distill_text_needs_lora(tiny_recipe):
+    with pytest.raises(ConfigError, match="distill_text needs lora"):
+        tiny_recipe("align.distill_text=true")

@@ -22,7 +22,9 @@ from llava_lite.lora import add_lora, is_peft
 from llava_lite.packaged import cache_dir
 from llava_lite.prompting import IGNORE_INDEX
 from llava_lite.train.batching import BatchSchedule
+from llava_lite.train.distill import token_losses
 from llava_lite.train.packing import pack_rows, single
+from llava_lite.train.precision import resolve_precision
 from llava_lite.train.recipe import StageConfig, TrainRecipe
 from llava_lite.train.state import MODEL_DIR, clean_partial, latest_checkpoint, load_train_state
 from llava_lite.train.stepping import (  # noqa: F401 - the exceptions are part of this module's interface
@@ -39,13 +41,15 @@ STAGE_DONE = "stage.json"
 
 class TrainModule(nn.Module):
     """What DDP wraps: the model plus the contrastive temperature. Returns the summed token
-    cross-entropy of a micro-batch and, when enabled, the CLIP contrastive loss between mean-
-    pooled projected image tokens and mean-pooled caption (answer) token embeddings."""
+    loss of a micro-batch (cross-entropy, or KL to the base LLM on text-only rows) and, when
+    enabled, the CLIP contrastive loss between mean-pooled projected image tokens and
+    mean-pooled caption (answer) token embeddings."""
 
-    def __init__(self, model: nn.Module, contrastive: bool) -> None:
+    def __init__(self, model: nn.Module, contrastive: bool, distill: bool = False) -> None:
         super().__init__()
         self.model = model
         self.logit_scale = LogitScale() if contrastive else None
+        self.distill = distill  # text-only rows learn the base LLM's distribution (train/distill.py)
 
     def forward(self, input_ids, attention_mask, labels, vision_features=None, pixel_values=None,
                 position_ids=None):
@@ -53,9 +57,7 @@ class TrainModule(nn.Module):
         if vision_features is not None or pixel_values is not None:
             image_embeds = self.model.encode_images(pixel_values=pixel_values, vision_features=vision_features)
         extra = {} if position_ids is None else {"position_ids": position_ids}
-        out = self.model(input_ids, attention_mask=attention_mask, image_embeds=image_embeds, labels=labels,
-                         return_logits=False, **extra)
-        ce_sum = out.loss * out.num_label_tokens
+        ce_sum = token_losses(self.model, input_ids, attention_mask, labels, image_embeds, self.distill, **extra)
         if self.logit_scale is None or image_embeds is None or image_embeds.shape[0] != input_ids.shape[0]:
             return ce_sum, None
         text = self.model.llm.get_input_embeddings()(labels.clamp(min=0))
@@ -155,9 +157,12 @@ def _accelerator(recipe: TrainRecipe, stage: StageConfig, stage_name: str):
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     # A micro-batch of text-only rows leaves the projector unused; DDP must allow that.
-    accelerator = Accelerator(mixed_precision="no" if recipe.precision == "fp32" else recipe.precision,
+    precision, why = resolve_precision(recipe.precision)
+    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
                               cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if accelerator.is_main_process:
+        print(f"[{stage_name}] precision {precision} ({why})", flush=True)
     if recipe.num_threads:
         torch.set_num_threads(recipe.num_threads)
     set_seed(recipe.seed)
@@ -191,7 +196,7 @@ def _setup(recipe: TrainRecipe, stage_name: str, out: Path, init_from: Path | No
             cache.build(images, model.vision_tower, batch_size=recipe.feature_batch_size, progress=progress and main)
     run = StageRun(recipe, stage, stage_name, out, accelerator, processor, data, cache,
                    cache_seconds=time.perf_counter() - t_cache)
-    run.module = TrainModule(model, contrastive=stage.contrastive_weight > 0)
+    run.module = TrainModule(model, contrastive=stage.contrastive_weight > 0, distill=stage.distill_text)
     run.module.to(accelerator.device)
     run.optimizer = torch.optim.AdamW(_param_groups(run.module, stage), weight_decay=stage.weight_decay)
     run.schedule = BatchSchedule([len(r.input_ids) for r in data.rows], stage.batch_size, recipe.seed,
@@ -259,7 +264,8 @@ def train_stage(
     result: dict[str, Any] = {"stage": stage_name, "steps": run.total, "resumed_from": start,
                               "final_loss": last_loss, "train_seconds": round(time.perf_counter() - t_train, 2),
                               "feature_cache_seconds": round(run.cache_seconds, 2), "rows": run.data.num_rows,
-                              "packs": len(run.data.rows), "skipped_rows": len(run.data.problems)}
+                              "packs": len(run.data.rows), "skipped_rows": len(run.data.problems),
+                              "mixed_precision": str(run.accelerator.mixed_precision)}
     if run.main:
         _finish(run, result, progress)
         result["wall_seconds"] = round(time.perf_counter() - wall0, 2)

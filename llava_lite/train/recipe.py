@@ -9,7 +9,7 @@ from typing import Any
 from llava_lite.config import ConfigError, LlavaLiteConfig
 
 STAGES = ("align", "adapter", "instruct")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -38,6 +38,9 @@ class StageConfig:
     """One stage. `batch_size` is the global batch per optimizer step; each process runs
     micro-batches of `micro_batch_size` and gradients accumulate over the rest.
 
+    `distill_text` trains text-only rows towards the base LLM's next-token distribution (KL
+    to the same LLM with the LoRA adapter disabled) instead of their answer text; it needs `lora`.
+
     `pack_shared_prefix` packs rows about the same image (up to `max_pack`) into one sequence
     that holds their shared prefix once (see `llava_lite.train.packing`); batch sizes then count packs.
     """
@@ -58,6 +61,7 @@ class StageConfig:
     contrastive_weight: float = 0.0
     pack_shared_prefix: bool = False
     max_pack: int = 16
+    distill_text: bool = False
     eval: list[EvalSpec] = field(default_factory=list)
     enabled: bool = True
 
@@ -69,7 +73,7 @@ class TrainRecipe:
     align: StageConfig = field(default_factory=StageConfig)
     adapter: StageConfig = field(default_factory=lambda: StageConfig(lora=True))
     instruct: StageConfig = field(default_factory=lambda: StageConfig(lora=True))
-    precision: str = "fp32"
+    precision: str = "auto"  # bf16 where the hardware runs it natively, else fp32 (train/precision.py)
     seed: int = 0
     cache_features: bool = True
     gradient_checkpointing: bool = False
@@ -104,6 +108,8 @@ class TrainRecipe:
                 raise ConfigError(f"{name}: nothing to train (train_projector and lora are both off)")
             if st.lr <= 0 or st.projector_lr <= 0 or not 0 <= st.warmup_ratio < 1:
                 raise ConfigError(f"{name}: learning rates must be > 0 and 0 <= warmup_ratio < 1")
+            if st.distill_text and not st.lora:
+                raise ConfigError(f"{name}: distill_text needs lora (the base model is the LLM without its adapter)")
             if st.max_steps is None and st.epochs <= 0:
                 raise ConfigError(f"{name}: give epochs > 0 or max_steps")
             for spec in st.data:

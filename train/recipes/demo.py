@@ -23,7 +23,8 @@ def recipe() -> TrainRecipe:
                                                   concat_blocks=[5]),
                               projector=ProjectorConfig(name="ln_mlp2x_gelu"),
                               lora=LoraConfig(r=16, alpha=32, dropout=0.0), max_length=1024),
-        precision="bf16",
+        # bf16 where the CPU runs it natively (AMX, AVX512-BF16), fp32 where bf16 would be emulated
+        precision="auto",
         align=align(),
         adapter=adapter(),
         instruct=instruct(),
