@@ -273,10 +273,11 @@ def test_terminal_chat_streams_switches_images_and_resets(tiny_lite, tmp_path):
 
 def test_serve_defaults_are_local_and_private():
     from llava_lite.cli import build_parser
+    from llava_lite.serve.cli import serve_config
 
-    args = build_parser().parse_args(["serve"])
-    assert args.host == "127.0.0.1" and args.share is False and args.allow_local_files is None
-    assert args.quantize == "8bit"
+    config = serve_config(build_parser().parse_args(["serve"]))
+    assert config.host == "127.0.0.1" and config.share is False and config.allow_local_files == []
+    assert config.quantize == "8bit" and not config.auth.no_auth
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
 
 

@@ -34,15 +34,25 @@ def _free_port() -> int:
 
 
 def _easyvqa_by_color() -> dict[str, str]:
-    """One easy-VQA test image per colour (8 colours)."""
+    """One clear easy-VQA test image per colour (8 colours): of the first 20 of each colour,
+    the one whose shape covers the most pixels. Small shapes are where red and brown blur,
+    and there the 8-bit model can differ from fp32 (image 0, a small red shape, reads as brown
+    in 8-bit on an AMX Xeon): these tests are about the server, not about borderline images."""
+    import numpy as np
+    from PIL import Image
+
     from llava_lite.data.easyvqa import image_facts, image_paths
 
     facts, paths = image_facts("test"), image_paths("test")
-    chosen: dict[str, str] = {}
+    candidates: dict[str, list[str]] = {}
     for image_id, f in sorted(facts.items()):
-        if "color" in f and f["color"] not in chosen:
-            chosen[f["color"]] = paths[image_id]
-    return chosen
+        if "color" in f and len(candidates.setdefault(f["color"], [])) < 20:
+            candidates[f["color"]].append(paths[image_id])
+
+    def coverage(path: str) -> int:
+        return int((np.asarray(Image.open(path).convert("L")) < 240).sum())
+
+    return {color: max(found, key=coverage) for color, found in candidates.items()}
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +130,6 @@ def test_browser_chat_upload_ask_stream_screenshot(server):
 def test_eight_concurrent_sessions_each_get_their_own_answer(server):
     from gradio_client import Client, handle_file
 
-    from llava_lite.data.easyvqa import image_facts, image_paths
-
     url, _ = server
     question = f"{SHORT}\nWhat color is the shape?"
 
@@ -129,25 +137,19 @@ def test_eight_concurrent_sessions_each_get_their_own_answer(server):
         return Client(url, verbose=False).predict(message={"text": question, "files": [handle_file(path)]},
                                                   api_name="/chat")
 
-    # Probes, one session at a time: images whose answers all differ, so that any crosstalk
-    # between concurrent sessions changes some answer. A borderline image (brown or red?) can
-    # get different greedy answers from identical requests, because the reused prompt-cache
-    # prefix and the 8-bit kernels change the last bits; such an image cannot show crosstalk,
-    # so a probe must give the same answer in three solo passes, in different orders.
-    paths, facts = image_paths("test"), image_facts("test")
-    first: dict[str, str] = {}  # answer -> image
-    for image_id in sorted(facts)[:60]:
-        first.setdefault(ask(paths[image_id]), paths[image_id])
-    candidates = list(first.items())
-    second = [ask(p) for _, p in candidates]
-    third = [ask(p) for _, p in reversed(candidates)][::-1]
-    probes = {a: p for (a, p), b, c in zip(candidates, second, third, strict=True) if a == b == c}
-    assert len(probes) >= 6, f"too few stable, distinct answers to probe crosstalk: {sorted(probes)}"
-    chosen = list(probes.values())[:8]
-    chosen += [paths[i] for i in sorted(facts)[60:60 + 8 - len(chosen)]]  # 8 sessions in all
+    # Probes: one clear image per colour, so the eight answers all differ and any crosstalk
+    # between concurrent sessions changes one. A borderline image (brown or red?) can get
+    # different greedy answers from identical requests, because 8-bit kernels running beside
+    # another generation, or a reused prompt-cache prefix, change the last bits; such an image
+    # cannot show crosstalk, so a probe must give the same answer in two solo passes.
+    by_color = _easyvqa_by_color()
+    first = {color: ask(path) for color, path in by_color.items()}
+    second = {color: ask(path) for color, path in reversed(by_color.items())}
+    probes = {by_color[c]: a for c, a in first.items() if a == second[c]}
+    assert len(set(probes.values())) >= 6, f"too few stable, distinct answers to probe crosstalk: {first}"
     with ThreadPoolExecutor(max_workers=8) as pool:
-        together = list(pool.map(ask, chosen))
-    assert together[:len(probes)] == list(probes)[:8]
+        together = dict(zip(probes, pool.map(ask, list(probes)), strict=True))
+    assert together == probes
 
 
 def test_openai_client_plain_and_streaming(server):

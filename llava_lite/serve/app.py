@@ -6,10 +6,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from llava_lite.api import CAPTION_PROMPT
-from llava_lite.serve.engine import ChatEngine, ChatRequest, UserFacingError
+from llava_lite.serve.engine import ChatEngine, ChatRequest, GenerationStats, UserFacingError
 from llava_lite.serve.examples import chat_examples
 from llava_lite.serve.gradio_history import ERROR_MARK, history_to_request
 
+SHUTDOWN_NOTE = "The server is shutting down; this reply was cut short."
 EMPTY_MESSAGE = "Please type a message (and upload an image to ask about it)."
 
 
@@ -30,12 +31,16 @@ def make_chat_fn(engine: ChatEngine):
         request = ChatRequest(messages, images, temperature=temperature, top_p=top_p,
                               max_new_tokens=int(max_new_tokens))
         reply = ""
+        stats = GenerationStats()
         try:
-            for chunk in engine.stream(request):
+            for chunk in engine.stream(request, stats):
                 reply += chunk
                 yield reply
         except UserFacingError as err:
             yield (reply + "\n\n" if reply else "") + ERROR_MARK + str(err)
+            return
+        if stats.finish_reason == "cancelled":
+            yield (reply + "\n\n" if reply else "") + ERROR_MARK + SHUTDOWN_NOTE
             return
         if not reply:
             yield "(the model returned an empty reply)"

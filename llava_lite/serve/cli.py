@@ -7,6 +7,14 @@ from dataclasses import fields
 
 from llava_lite.serve.limits import ServeLimits
 
+# flag -> (section, field) of ServeConfig; flags left out keep the config file's value
+SECTION_FLAGS = {
+    "api_key": ("auth", "api_keys"), "api_key_file": ("auth", "api_key_file"), "auth": ("auth", "users"),
+    "auth_file": ("auth", "users_file"), "no_auth": ("auth", "no_auth"),
+    "rate_limit_rpm": ("rate_limit", "requests_per_minute"), "rate_limit_concurrent": ("rate_limit", "concurrent"),
+}
+TOP_FLAGS = ("model", "quantize", "device", "host", "port", "share", "allow_local_files", "shutdown_grace_s")
+
 
 def _load(args):
     from llava_lite import LlavaLite
@@ -14,14 +22,35 @@ def _load(args):
     return LlavaLite.from_pretrained(args.model, quantize=args.quantize, device=args.device)
 
 
-def cmd_serve(args) -> int:
-    from llava_lite.serve.engine import ChatEngine
-    from llava_lite.serve.server import launch
+def serve_config(args):
+    """The serve config file (if any) with every flag that was given applied on top."""
+    from llava_lite.serve.config import ServeConfig
 
-    limits = ServeLimits(**{f.name: getattr(args, f.name) for f in fields(ServeLimits)})
-    engine = ChatEngine(_load(args), limits)
-    launch(engine, host=args.host, port=args.port, share=args.share, allow_local_files=args.allow_local_files)
-    return 0
+    config = ServeConfig.load(args.config) if args.config else ServeConfig()
+    data = config.to_dict()
+    for name in TOP_FLAGS:
+        if getattr(args, name) is not None:
+            data[name] = getattr(args, name)
+    for name, (section, key) in SECTION_FLAGS.items():
+        if getattr(args, name) is not None:
+            data[section][key] = getattr(args, name)
+    for f in fields(ServeLimits):
+        if getattr(args, f.name) is not None:
+            data["limits"][f.name] = getattr(args, f.name)
+    return ServeConfig.from_dict(data, source="command line")
+
+
+def cmd_serve(args) -> int:
+    from llava_lite import LlavaLite
+    from llava_lite.serve.auth import resolve_access
+    from llava_lite.serve.engine import ChatEngine
+    from llava_lite.serve.server import serve_forever, start
+
+    config = serve_config(args)
+    access = resolve_access(config.auth, config.host, config.share)  # refuses before the model loads
+    lite = LlavaLite.from_pretrained(config.model, quantize=config.quantize, device=config.device)
+    server = start(ChatEngine(lite, config.limits), config, access)
+    return serve_forever(server)
 
 
 def cmd_chat(args) -> int:
@@ -31,35 +60,46 @@ def cmd_chat(args) -> int:
                         temperature=args.temperature).run()
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     p.add_argument("--model", default=None, help="checkpoint folder or Llava folder (default: built-in model)")
-    p.add_argument("--quantize", default="8bit", choices=["none", "8bit", "4bit"],
+    p.add_argument("--quantize", default="8bit" if defaults else None, choices=["none", "8bit", "4bit"],
                    help="LLM quantization (default: 8bit)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
 
 
+def _access_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("access (needed to serve beyond 127.0.0.1)")
+    g.add_argument("--api-key", action="append", metavar="KEY", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (repeatable; also $LLAVA_LITE_API_KEY)")
+    g.add_argument("--api-key-file", metavar="FILE", default=None, help="file of API keys, one per line")
+    g.add_argument("--auth", action="append", metavar="USER:PASSWORD", default=None,
+                   help="put the chat page behind a login (repeatable)")
+    g.add_argument("--auth-file", metavar="FILE", default=None, help="file of USER:PASSWORD lines for the chat page")
+    g.add_argument("--no-auth", action="store_const", const=True, default=None,
+                   help="serve a non-loopback address with no authentication, on purpose")
+    g = p.add_argument_group("per-client limits (per API key, or per address without keys)")
+    g.add_argument("--rate-limit-rpm", type=int, default=None, help="requests per minute (default: 0, no limit)")
+    g.add_argument("--rate-limit-concurrent", type=int, default=None,
+                   help="chat completions in flight at once (default: 0, no limit)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="chat about images in the browser (Gradio) plus an OpenAI-compatible API",
-                       description="Serve the chat page and POST /v1/chat/completions on one port.")
-    _model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, local only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
-    p.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
+                       description="Serve the chat page, POST /v1/chat/completions, GET /health and GET /metrics "
+                                   "on one port. Settings come from --config (TOML or YAML) with flags on top.")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="serve config file (.toml/.yaml): every setting below, plus [limits], [auth], [rate_limit]")
+    _model_args(p, defaults=False)
+    p.add_argument("--host", default=None, help="bind address (default: 127.0.0.1, local only)")
+    p.add_argument("--port", type=int, default=None, help="port (default: 7860)")
+    p.add_argument("--share", action="store_const", const=True, default=None,
+                   help="create a public Gradio share link (off by default; needs authentication)")
     p.add_argument("--allow-local-files", action="append", metavar="DIR", default=None,
                    help="let the API read file:// image URLs under DIR (repeatable; off by default)")
-    defaults = ServeLimits()
-    helps = {
-        "max_upload_mb": "largest upload in MB", "max_image_pixels": "largest image in pixels",
-        "max_images": "images per conversation", "max_message_chars": "characters per user message",
-        "max_new_tokens": "cap on tokens generated per reply", "concurrency": "generations at once",
-        "queue_size": "requests waiting beyond this are refused",
-        "queue_timeout_s": "seconds a request may wait for a slot",
-        "generation_timeout_s": "seconds before a generation is stopped",
-    }
-    for f in fields(ServeLimits):
-        value = getattr(defaults, f.name)
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(value), default=value,
-                       help=f"{helps[f.name]} (default: {value})")
+    p.add_argument("--shutdown-grace-s", type=float, default=None,
+                   help="on SIGTERM, seconds in-flight generations may take to finish (default: 30)")
+    _access_args(p)
+    _limit_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="chat about an image in the terminal",
@@ -69,3 +109,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply (default: 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     p.set_defaults(func=cmd_chat)
+
+
+def _limit_args(p: argparse.ArgumentParser) -> None:
+    defaults = ServeLimits()
+    helps = {
+        "max_upload_mb": "largest upload in MB", "max_image_pixels": "largest image in pixels",
+        "max_images": "images per conversation", "max_message_chars": "characters per user message",
+        "max_new_tokens": "cap on tokens generated per reply", "concurrency": "generations at once",
+        "queue_size": "requests waiting beyond this are refused",
+        "queue_timeout_s": "seconds a request may wait for a slot",
+        "generation_timeout_s": "seconds before a generation is stopped",
+    }
+    g = p.add_argument_group("limits")
+    for f in fields(ServeLimits):
+        value = getattr(defaults, f.name)
+        g.add_argument(f"--{f.name.replace('_', '-')}", type=type(value), default=None,
+                       help=f"{helps[f.name]} (default: {value})")
+

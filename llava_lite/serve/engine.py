@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +51,7 @@ class GenerationStats:
     completion_tokens: int = 0
     first_token_s: float | None = None
     total_s: float = 0.0
-    finish_reason: str = "stop"  # "stop", "length" or "timeout"
+    finish_reason: str = "stop"  # "stop", "length", "timeout", "cancelled" (server shutdown) or "error"
 
 
 class ChatEngine:
@@ -62,7 +62,24 @@ class ChatEngine:
         self.limits = limits or ServeLimits()
         self._slots = threading.BoundedSemaphore(self.limits.concurrency)
         self._waiting = 0
+        self._active = 0
         self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        # called with each finished generation's stats (metrics); must not raise
+        self.on_finish: list[Callable[[GenerationStats], None]] = []
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    @property
+    def in_flight(self) -> int:
+        return self._active
+
+    def cancel_all(self) -> None:
+        """Stop every running generation at its next token (server shutdown); they end with
+        finish_reason "cancelled". New generations are not affected."""
+        self._cancel.set()
 
     @property
     def model_name(self) -> str:
@@ -121,7 +138,7 @@ class ChatEngine:
         stats.prompt_tokens = len(ids)
         self._acquire()
         start = time.perf_counter()
-        counter = _TokenCounter()
+        counter = _TokenCounter(self._cancel)
         try:
             chunks = self.lite.chat(
                 request.messages, images=images, stream=True, temperature=float(request.temperature),
@@ -133,19 +150,35 @@ class ChatEngine:
                     stats.first_token_s = time.perf_counter() - start
                 yield chunk
         except UserFacingError:
+            stats.finish_reason = "error"
             raise
         except Exception as err:
+            stats.finish_reason = "error"
             log.exception("generation failed")
             raise UserFacingError("Sorry, something went wrong while generating; the error was "
                                   "logged on the server.") from err
         finally:
-            self._slots.release()
-            stats.total_s = time.perf_counter() - start
-            stats.completion_tokens = counter.tokens
-            if stats.total_s >= self.limits.generation_timeout_s:
-                stats.finish_reason = "timeout"
-            elif stats.completion_tokens >= max_new:
-                stats.finish_reason = "length"
+            self._finish(stats, counter, start, max_new)
+
+    def _finish(self, stats: GenerationStats, counter: _TokenCounter, start: float, max_new: int) -> None:
+        with self._lock:
+            self._active -= 1
+        self._slots.release()
+        stats.total_s = time.perf_counter() - start
+        stats.completion_tokens = counter.tokens
+        if stats.finish_reason == "error":
+            pass
+        elif counter.cancelled:
+            stats.finish_reason = "cancelled"
+        elif stats.total_s >= self.limits.generation_timeout_s:
+            stats.finish_reason = "timeout"
+        elif stats.completion_tokens >= max_new:
+            stats.finish_reason = "length"
+        for callback in self.on_finish:
+            try:
+                callback(stats)
+            except Exception:  # a metrics hook must never break a reply
+                log.exception("on_finish callback failed")
 
     def complete(self, request: ChatRequest) -> tuple[str, GenerationStats]:
         stats = GenerationStats()
@@ -163,17 +196,23 @@ class ChatEngine:
         finally:
             with self._lock:
                 self._waiting -= 1
+        with self._lock:
+            self._active += 1
 
 
 class _TokenCounter(StoppingCriteria):
-    """Counts generated tokens (stopping criteria run once per new token); never stops."""
+    """Counts generated tokens (stopping criteria run once per new token); stops only when the
+    engine cancels every generation (server shutdown)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cancel: threading.Event) -> None:
         self.tokens = 0
+        self.cancel = cancel
+        self.cancelled = False
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         self.tokens += 1
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        self.cancelled = self.cancelled or self.cancel.is_set()
+        return torch.full((input_ids.shape[0],), self.cancelled, dtype=torch.bool, device=input_ids.device)
 
 
 def _hide_dirs(message: str, source: ImageInput) -> str:

@@ -23,6 +23,8 @@ from starlette.concurrency import run_in_threadpool
 
 from llava_lite.serve.engine import ChatEngine, ChatRequest, GenerationStats, ServerBusyError, UserFacingError
 
+SHUTDOWN_MESSAGE = "the server is shutting down; this reply was cut short"
+
 
 class ImagePolicy:
     """Which `image_url`s a request may use."""
@@ -136,6 +138,7 @@ def build_router(engine: ChatEngine, policy: ImagePolicy) -> APIRouter:
             if body.get("n", 1) != 1:
                 raise UserFacingError("only n=1 is supported")
             stats = GenerationStats()
+            request.state.generation = stats  # token counts and timings for the access log
             stream = engine.stream(chat, stats)
             # Run validation and wait for a slot now, so errors become HTTP errors, not
             # a broken stream.
@@ -153,15 +156,20 @@ def build_router(engine: ChatEngine, policy: ImagePolicy) -> APIRouter:
             text = (first or "") + "".join(await _drain(stream))
         except UserFacingError as err:
             return error(500, str(err), "server_error")
-        return {
-            "id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": _finish(stats)}],
-            "usage": {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
-                      "total_tokens": stats.prompt_tokens + stats.completion_tokens},
-        }
+        if stats.finish_reason == "cancelled":
+            return error(503, SHUTDOWN_MESSAGE, "unavailable")
+        return _completion(completion_id, created, model_id, text, stats)
 
     return router
+
+
+def _completion(completion_id: str, created: int, model_id: str, text: str, stats: GenerationStats) -> dict:
+    return {
+        "id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": _finish(stats)}],
+        "usage": {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+                  "total_tokens": stats.prompt_tokens + stats.completion_tokens},
+    }
 
 
 def _finish(stats: GenerationStats) -> str:
@@ -196,5 +204,9 @@ def _sse(stream, first: str | None, stats: GenerationStats, completion_id: str, 
         return
     finally:
         stream.close()
+    if stats.finish_reason == "cancelled":
+        yield f"data: {json.dumps({'error': {'message': SHUTDOWN_MESSAGE, 'type': 'unavailable'}})}\n\n"
+        yield "data: [DONE]\n\n"
+        return
     yield event({}, _finish(stats))
     yield "data: [DONE]\n\n"

@@ -4,7 +4,11 @@
 
 Starts its own server (or uses --url), mixes browser-API (gradio_client) and OpenAI-API
 requests over easy-VQA test images, then reports requests served, errors, p50/p95 latency
-and the server's memory over time (with its trend), as JSON, markdown and a PNG.
+and the server's memory over time (with its trend), as JSON, markdown and a PNG. It scrapes
+/health and /metrics every 5 s and checks that the server's counters agree with its own.
+`--auth` gives every client its own API key (and the browser clients a login);
+`--rate-limit-rpm/--rate-limit-concurrent` turn per-key limits on (a 429 is waited out, as
+its Retry-After says, and counted, not an error).
 Not part of CI: it runs for minutes by design.
 """
 
@@ -42,6 +46,14 @@ def _start_server(args, log_path: Path) -> tuple[subprocess.Popen, str]:
            "--concurrency", str(args.concurrency)]
     if args.model:
         cmd += ["--model", args.model]
+    if args.auth:
+        keys = log_path.with_name("soak-keys.txt")
+        keys.write_text("".join(k + "\n" for k in args.keys))
+        cmd += ["--api-key-file", str(keys), "--auth", ":".join(args.login)]
+    if args.rate_limit_rpm:
+        cmd += ["--rate-limit-rpm", str(args.rate_limit_rpm)]
+    if args.rate_limit_concurrent:
+        cmd += ["--rate-limit-concurrent", str(args.rate_limit_concurrent)]
     log = open(log_path, "w+")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.time() + 300
@@ -57,13 +69,15 @@ def _start_server(args, log_path: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"the server did not start in 300 s; see {log_path}")
 
 
-def _client(worker: int, url: str, items: list[dict], stop: float, results: list, lock: threading.Lock) -> None:
+def _client(worker: int, url: str, items: list[dict], stop: float, results: list, lock: threading.Lock,
+            args) -> None:
     from gradio_client import Client, handle_file
-    from openai import OpenAI
+    from openai import OpenAI, RateLimitError
 
     rng = random.Random(worker)
-    gradio = Client(url, verbose=False)
-    openai = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+    gradio = Client(url, verbose=False, auth=tuple(args.login) if args.auth else None)
+    key = args.keys[worker % len(args.keys)] if args.auth else "unused"
+    openai = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=300)
     turns = 0
     while time.time() < stop:
         item = rng.choice(items)
@@ -75,7 +89,7 @@ def _client(worker: int, url: str, items: list[dict], stop: float, results: list
                 turns = 0
             turns += 1
         t = time.perf_counter()
-        error = ""
+        error, limited, tokens = "", False, 0
         try:
             if via == "gradio":
                 reply = gradio.predict(message={"text": item["question"], "files": [handle_file(item["image"])]},
@@ -88,12 +102,50 @@ def _client(worker: int, url: str, items: list[dict], stop: float, results: list
                            {"type": "text", "text": item["question"]}]
                 out = openai.chat.completions.create(model="llava-lite", max_tokens=8,
                                                      messages=[{"role": "user", "content": content}])
-                reply = out.choices[0].message.content
+                reply, tokens = out.choices[0].message.content, out.usage.completion_tokens
+        except RateLimitError as err:  # expected when a limit is set: wait as the server says
+            limited, reply = True, ""
+            time.sleep(float(err.response.headers.get("retry-after", "1")))
         except Exception as err:  # noqa: BLE001 - every failure is counted, none stops the soak
             error, reply = f"{type(err).__name__}: {err}"[:200], ""
         with lock:
             results.append({"t": time.time(), "via": via, "latency_s": time.perf_counter() - t, "error": error,
+                            "rate_limited": limited, "tokens": tokens,
                             "correct": reply.strip(" .").lower() == item["answer"]})
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The server's own counts from /metrics (and readiness from /health), summed over labels."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as res:
+        text = res.read().decode()
+    counts = {"api_requests": 0.0, "api_429": 0.0, "generations": 0.0, "tokens": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "llava_lite_requests_total" and sample.labels["route"] == "/v1/chat/completions":
+                counts["api_requests"] += sample.value
+                counts["api_429"] += sample.value if sample.labels["status"] == "429" else 0
+            elif sample.name == "llava_lite_generations_total":
+                counts["generations"] += sample.value
+            elif sample.name == "llava_lite_generated_tokens_total":
+                counts["tokens"] += sample.value
+    with urllib.request.urlopen(f"{url}/health", timeout=30) as res:
+        counts["ready"] = float(json.loads(res.read())["ready"])
+    return counts
+
+
+def agreement(first: dict[str, float], last: dict[str, float], results: list[dict]) -> dict:
+    """The server's counters over the soak (last - first) beside the soak's own counts."""
+    api = [r for r in results if r["via"] == "openai"]
+    ours = {"api_requests": len(api), "api_429": sum(r["rate_limited"] for r in api),
+            "generations": sum(not r["error"] and not r["rate_limited"] for r in results)}
+    server = {k: last[k] - first[k] for k in ours}
+    api_tokens = sum(r["tokens"] for r in api)
+    return {"soak": ours, "server": server, "agree": ours == server,
+            "server_tokens": last["tokens"] - first["tokens"], "api_tokens_counted_by_clients": api_tokens}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8, help="concurrent clients (default: 8)")
     p.add_argument("--minutes", type=float, default=5.0, help="how long to run (default: 5)")
     p.add_argument("--out", default="runs/soak", help="report folder (default: runs/soak)")
+    p.add_argument("--auth", action="store_true",
+                   help="start the server with one API key per client and a chat-page login, and use them")
+    p.add_argument("--rate-limit-rpm", type=int, default=0, help="per-key requests per minute on the server")
+    p.add_argument("--rate-limit-concurrent", type=int, default=0, help="per-key generations at once on the server")
     args = p.parse_args(argv)
+    import secrets
+
+    args.keys = [f"sk-soak-{i}-{secrets.token_hex(8)}" for i in range(args.clients)]
+    args.login = ["soak", secrets.token_hex(8)]
 
     from llava_lite.data.easyvqa import eval_items
 
@@ -118,22 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     lock = threading.Lock()
     start = time.time()
     stop = start + 60 * args.minutes
-    threads = [threading.Thread(target=_client, args=(i, url, items, stop, results, lock), daemon=True)
+    threads = [threading.Thread(target=_client, args=(i, url, items, stop, results, lock, args), daemon=True)
                for i in range(args.clients)]
+    first = scrape(url)
     for th in threads:
         th.start()
     try:
-        from tqdm import tqdm
-
-        with tqdm(total=int(60 * args.minutes), desc="soak", unit="s") as bar:
-            while time.time() < stop:
-                if proc is not None:
-                    memory.append((time.time() - start, _rss_mb(proc.pid)))
-                time.sleep(5)
-                bar.n = min(int(time.time() - start), bar.total)
-                bar.set_postfix(requests=len(results), errors=sum(bool(r["error"]) for r in results))
+        not_ready = _watch(proc, url, start, stop, results, memory)
         for th in threads:
             th.join(timeout=600)
+        last = scrape(url)
         if proc is not None:
             memory.append((time.time() - start, _rss_mb(proc.pid)))
     finally:
@@ -142,12 +196,30 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait(timeout=60)
 
     report = summarize(results, memory, args.clients, args.minutes)
+    report["metrics_vs_soak"] = agreement(first, last, results)
+    report["health_not_ready_scrapes"] = not_ready
     (out / "soak.json").write_text(json.dumps({**report, "memory": memory}, indent=2))
     md = "| measure | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in report.items())
     (out / "soak.md").write_text(md)
     _plot(results, memory, out / "soak.png", start)
     print(md)
-    return 0 if report["errors"] == 0 else 1
+    return 0 if report["errors"] == 0 and report["metrics_vs_soak"]["agree"] else 1
+
+
+def _watch(proc, url: str, start: float, stop: float, results: list, memory: list) -> int:
+    """Until `stop`: server memory and /health + /metrics every 5 s; returns not-ready scrapes."""
+    from tqdm import tqdm
+
+    not_ready = 0
+    with tqdm(total=int(stop - start), desc="soak", unit="s") as bar:
+        while time.time() < stop:
+            if proc is not None:
+                memory.append((time.time() - start, _rss_mb(proc.pid)))
+            not_ready += scrape(url)["ready"] < 1
+            time.sleep(5)
+            bar.n = min(int(time.time() - start), bar.total)
+            bar.set_postfix(requests=len(results), errors=sum(bool(r["error"]) for r in results))
+    return not_ready
 
 
 def summarize(results: list[dict], memory: list[tuple[float, float]], clients: int, minutes: float) -> dict:
@@ -159,6 +231,7 @@ def summarize(results: list[dict], memory: list[tuple[float, float]], clients: i
     report = {
         "clients": clients, "minutes": minutes, "requests": len(results),
         "errors": sum(bool(r["error"]) for r in results),
+        "rate_limited": sum(r.get("rate_limited", False) for r in results),
         "error_examples": sorted({r["error"] for r in results if r["error"]})[:5],
         "p50_s": float(np.percentile(lat, 50)) if lat.size else None,
         "p95_s": float(np.percentile(lat, 95)) if lat.size else None,
