@@ -108,7 +108,9 @@ def load_llava_hf_parts(config: LlavaLiteConfig, dtype: torch.dtype = torch.floa
 
 def is_exportable(model) -> bool:
     """Whether `export_hf` can write this model: a `clip` tower and an `mlp2x_gelu` projector."""
-    return isinstance(model.vision_tower, CLIPTower) and isinstance(model.projector, MLP2xGeluProjector)
+    # the exact type: a subclass (ln_mlp2x_gelu) has weights LlavaMultiModalProjector has no
+    # place for, and exporting it would silently drop them
+    return isinstance(model.vision_tower, CLIPTower) and type(model.projector) is MLP2xGeluProjector
 
 
 def export_hf(model, processor, out_dir: str | Path) -> Path:

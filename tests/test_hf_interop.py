@@ -89,7 +89,9 @@ def test_transformers_made_folder_loads_in_llava_lite(tiny_clip_dir, tiny_llm_di
     assert torch.equal(_compare(again, hf, images[:1]), ours)
 
 
-def test_export_refuses_non_clip_configs(tiny_lite, tmp_path):
-    lite = tiny_lite(lora=False, projector="linear")
+@pytest.mark.parametrize("projector", ["linear", "ln_mlp2x_gelu"])
+def test_export_refuses_projectors_llava_hf_cannot_hold(tiny_lite, tmp_path, projector):
+    # ln_mlp2x_gelu subclasses mlp2x_gelu; exporting it would silently drop its LayerNorm
+    lite = tiny_lite(lora=False, projector=projector)
     with pytest.raises(ValueError, match="mlp2x_gelu"):
         export_hf(lite.model, lite.processor, tmp_path / "x")
