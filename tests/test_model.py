@@ -10,6 +10,7 @@ from conftest import prompt_inputs
 
 from llava_lite import LlavaLite
 from llava_lite.checkpoint import build_model, load_checkpoint
+from llava_lite.lora import is_peft
 from llava_lite.modeling import ImageTokenMismatchError
 from llava_lite.prompting import ConversationError
 
@@ -76,10 +77,15 @@ def test_save_then_load_gives_identical_outputs(tiny_lite, images, tmp_path):
     logits_before = logits_for(lite, images[:1])
     out = lite.save_pretrained(tmp_path / "ckpt")
     assert {p.name for p in out.iterdir()} == {"config.json", "projector.safetensors", "adapter"}
-    loaded = LlavaLite.from_pretrained(out)
+    loaded = LlavaLite.from_pretrained(out, merge=False)
     assert loaded.config == lite.config
     assert loaded.ask(images[0], "Describe.", **GEN) == before
     assert torch.equal(logits_for(loaded, images[:1]), logits_before)
+    # by default the adapter is folded into the LLM for inference: same answers, no peft wrappers
+    merged = LlavaLite.from_pretrained(out)
+    assert not is_peft(merged.model.llm) and merged.config.lora.enabled is False
+    assert merged.ask(images[0], "Describe.", **GEN) == before
+    assert (logits_for(merged, images[:1]) - logits_before).abs().max().item() <= 1e-4
 
 
 def test_merge_lora_matches_unmerged_logits(tiny_lite, images, tmp_path):
