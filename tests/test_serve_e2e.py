@@ -7,7 +7,6 @@ import base64
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,20 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from server_helpers import CHROMIUM, CHROMIUM_ARGS, free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("LLAVA_LITE_ARTIFACTS", REPO / ".artifacts"))
 SHORT = "Answer each question with a single word."
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _easyvqa_by_color() -> dict[str, str]:
@@ -59,7 +51,7 @@ def _easyvqa_by_color() -> dict[str, str]:
 def server(tmp_path_factory):
     """`llava-lite serve` in a subprocess; yields (url, allowed folder)."""
     allowed = tmp_path_factory.mktemp("allowed")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
            "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
     log = open(tmp_path_factory.mktemp("log") / "serve.log", "w+")

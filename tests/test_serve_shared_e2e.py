@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,18 +21,12 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from server_helpers import CHROMIUM, CHROMIUM_ARGS, free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 KEY, OTHER = "sk-e2e-alpha-5f1c", "sk-e2e-beta-77aa"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _uri(color=(200, 30, 30)) -> str:
@@ -63,7 +56,7 @@ def _request(url: str, path: str, key: str | None = None, body: bytes | None = N
 
 class Server:
     def __init__(self, args: list[str], tmp: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
                "GRADIO_TEMP_DIR": str(tmp / "gradio")}
         env.pop("LLAVA_LITE_API_KEY", None)
@@ -171,7 +164,7 @@ def test_chat_page_shows_a_login_that_works_and_hides_the_chat_without_it(shared
     # without the login cookie, Gradio's own API refuses to run the chat
     assert _request(url, "/gradio_api/info")[0] in (401, 403)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page()
         page.goto(url)
         page.wait_for_selector("input[type=password]", timeout=60_000)
@@ -191,7 +184,7 @@ def test_chat_page_shows_a_login_that_works_and_hides_the_chat_without_it(shared
 
 def test_exposed_address_without_auth_refuses_to_start(tiny_checkpoint, tmp_path):
     res = subprocess.run([sys.executable, "-m", "llava_lite.cli", "serve", "--host", "0.0.0.0", "--model",
-                          str(tiny_checkpoint), "--quantize", "none", "--port", str(_free_port())],
+                          str(tiny_checkpoint), "--quantize", "none", "--port", str(free_port())],
                          capture_output=True, text=True, timeout=120, cwd=REPO,
                          env={**{k: v for k, v in os.environ.items() if k != "LLAVA_LITE_API_KEY"},
                               "HF_HUB_OFFLINE": "1"})
