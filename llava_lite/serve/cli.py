@@ -44,8 +44,9 @@ def cmd_serve(args) -> int:
     from llava_lite import LlavaLite
     from llava_lite.serve.auth import resolve_access
     from llava_lite.serve.engine import ChatEngine
-    from llava_lite.serve.server import serve_forever, start
+    from llava_lite.serve.server import limit_malloc_arenas, serve_forever, start
 
+    limit_malloc_arenas()
     config = serve_config(args)
     access = resolve_access(config.auth, config.host, config.share)  # refuses before the model loads
     lite = LlavaLite.from_pretrained(config.model, quantize=config.quantize, device=config.device)
