@@ -1,13 +1,14 @@
 """Quantized inference for the LLM (the tower and projector stay in full precision).
 
 Modes a user asks for, resolved to a backend:
-- "8bit": bitsandbytes LLM.int8 (CUDA and CPU). On the demo model (2-core CPU) it kept
-  easy-VQA accuracy within 0.1 point of fp32 and decoded slightly faster than fp32. torch's
-  dynamic int8 decoded twice as fast but quantizes activations per tensor, and SmolLM2's
-  outlier activations cost it 30-45 points of accuracy (38-54% vs 83%), so it is opt-in.
+- "8bit": on a CPU, weight-only int8 (`llava_lite.weight_int8`: int8 weights with
+  per-channel scales, full-precision activations, torch's fused kernel); on CUDA,
+  bitsandbytes LLM.int8. bitsandbytes' CPU path decoded at about half of fp32's speed on a
+  2-core machine. torch's dynamic int8 is fast but quantizes activations per tensor, and
+  SmolLM2's outlier activations cost it 30-45 points of accuracy (38-54% vs 83%).
 - "4bit": bitsandbytes NF4.
-Backends can also be named directly: "bnb-8bit", "bnb-4bit", "dynamic-int8", "torchao-int8",
-"torchao-int8-weight-only" (torchao must be installed).
+Backends can also be named directly: "int8-weight-only", "bnb-8bit", "bnb-4bit",
+"dynamic-int8", "torchao-int8", "torchao-int8-weight-only" (torchao must be installed).
 A LoRA adapter is merged first, so the quantized weights include it.
 """
 
@@ -19,6 +20,7 @@ import tempfile
 import torch
 from torch import nn
 
+from llava_lite import weight_int8
 from llava_lite.lora import is_peft
 
 # Activations above this magnitude stay in full precision (LLM.int8's outlier split). The
@@ -26,14 +28,14 @@ from llava_lite.lora import is_peft
 # against fp32, 5.0 lost 0.08 and still decoded faster than fp32; 3.0 decoded slower.
 LLM_INT8_THRESHOLD = 5.0
 
-BACKENDS = ("bnb-8bit", "bnb-4bit", "dynamic-int8", "torchao-int8", "torchao-int8-weight-only")
+BACKENDS = ("int8-weight-only", "bnb-8bit", "bnb-4bit", "dynamic-int8", "torchao-int8", "torchao-int8-weight-only")
 
 
 def resolve_backend(mode: str, device: torch.device) -> str:
     if mode in BACKENDS:
         return mode
     if mode == "8bit":
-        return "bnb-8bit"
+        return "bnb-8bit" if device.type == "cuda" or not weight_int8.supported() else "int8-weight-only"
     if mode == "4bit":
         return "bnb-4bit"
     raise ValueError(f"quantize={mode!r}; use none, 8bit, 4bit or one of {BACKENDS}")
@@ -45,13 +47,25 @@ def quantize_model(lite, mode: str) -> str:
     backend = resolve_backend(mode, model.device)
     if is_peft(model.llm):
         lite.merge_lora()  # also marks the config as merged
-    if backend == "dynamic-int8":
+    if backend == "int8-weight-only":
+        model.llm = _weight_only_int8(model.llm)
+    elif backend == "dynamic-int8":
         model.llm = _dynamic_int8(model.llm)
     elif backend.startswith("torchao-"):
         model.llm = _torchao(model.llm, backend)
     else:
         model.llm = _bitsandbytes(model.llm, backend, model.device)
     return backend
+
+
+def _weight_only_int8(llm: nn.Module) -> nn.Module:
+    if llm.device.type != "cpu":
+        raise ValueError("quantize='int8-weight-only' runs on the CPU; on CUDA use 'bnb-8bit'")
+    llm.float()  # norms, attention and the residual stream stay fp32
+    weight_int8.quantize_linears(llm.get_decoder())
+    # The tied LM head is a fifth of SmolLM2-135M's weights and read on every token.
+    weight_int8.quantize_tied_embeddings(llm)
+    return llm
 
 
 def _dynamic_int8(llm: nn.Module) -> nn.Module:

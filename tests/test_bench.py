@@ -14,12 +14,12 @@ def test_bench_variant_on_a_tiny_clip_model(tiny_lite, tmp_path):
     res = run_variant(str(ckpt), "fp32", new_tokens=4, repeats=1, batch_sizes=[1, 2], device=None)
     assert res.reference.startswith("LlavaForConditionalGeneration")
     for name in ("llm_weight_bytes", "image_encode_ms", "prefill_ms", "first_token_ms", "second_turn_first_token_ms",
-                 "decode_tok_s", "reference_decode_tok_s", "peak_memory_bytes"):
+                 "decode_tok_s", "ask_decode_tok_s", "reference_decode_tok_s", "peak_memory_bytes"):
         value = getattr(res, name)
         assert value > 0 and math.isfinite(value), name
     assert set(res.batch_tok_s) == {"1", "2"}
     quant = run_variant(str(ckpt), "8bit", new_tokens=4, repeats=1, batch_sizes=[1], device=None)
-    assert quant.backend == "bnb-8bit" and quant.reference.startswith("AutoModelForCausalLM")
+    assert quant.backend == "int8-weight-only" and quant.reference.startswith("AutoModelForCausalLM")
     report = {"bandwidth_gbs": memory_bandwidth_gbs(size_mb=64, repeats=2), "threads": 2, "new_tokens": 4,
               "results": [res.__dict__, quant.__dict__, {"variant": "4bit", "error": "boom"}]}
     table = markdown(report)

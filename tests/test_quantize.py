@@ -9,9 +9,12 @@ from conftest import prompt_inputs
 
 from llava_lite.benchmark import state_bytes
 from llava_lite.quantize import resolve_backend
+from llava_lite.weight_int8 import Int8Embedding, Int8WeightOnlyLinear, quantize_linears, quantize_tied_embeddings
 
 
 def _int8_module_type(backend: str):
+    if backend == "int8-weight-only":
+        return Int8WeightOnlyLinear
     if backend == "bnb-8bit":
         from bitsandbytes.nn import Linear8bitLt
 
@@ -21,7 +24,8 @@ def _int8_module_type(backend: str):
     return DynamicInt8Linear
 
 
-@pytest.mark.parametrize("mode, backend", [("8bit", "bnb-8bit"), ("dynamic-int8", "dynamic-int8")])
+@pytest.mark.parametrize("mode, backend", [("8bit", "int8-weight-only"), ("bnb-8bit", "bnb-8bit"),
+                                           ("dynamic-int8", "dynamic-int8")])
 def test_8bit_on_cpu_merges_lora_then_quantizes(tiny_lite, images, mode, backend):
     lite = tiny_lite(lora=True)
     ids, pixels = prompt_inputs(lite, images[:1], "what is it?")
@@ -45,7 +49,7 @@ def test_8bit_on_cpu_merges_lora_then_quantizes(tiny_lite, images, mode, backend
 
 def test_backend_resolution():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_backend("8bit", cpu) == "bnb-8bit"
+    assert resolve_backend("8bit", cpu) == "int8-weight-only"
     assert resolve_backend("8bit", cuda) == "bnb-8bit"
     assert resolve_backend("4bit", cpu) == "bnb-4bit"
     assert resolve_backend("torchao-int8", cpu) == "torchao-int8"
@@ -59,3 +63,56 @@ def test_state_bytes_counts_tied_weights_once():
     head.weight = emb.weight
     model = torch.nn.ModuleDict({"emb": emb, "head": head})
     assert state_bytes(model) == 10 * 4 * 4
+
+
+def test_weight_only_int8_linear_is_the_dequantized_matmul():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    linear.weight.data[3, 5] = 4.0  # an outlier weight sets its row's scale, not the others'
+    q = Int8WeightOnlyLinear(linear, compute_dtype=torch.float32)
+    assert q.weight_int8.dtype == torch.int8 and q.scale.shape == (48,)
+    x = torch.randn(2, 7, 64) * torch.linspace(0.1, 30, 64)  # outlier-sized activations stay exact
+    expected = x @ q.dequantized_weight().T + linear.bias
+    out = q(x)
+    assert out.shape == (2, 7, 48)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-3)
+    ref = linear(x).detach()
+    rows = [i for i in range(48) if i != 3]
+    rel = ((out - ref)[..., rows].norm() / ref[..., rows].norm()).item()
+    assert 0 < rel < 0.01  # int8 per channel: close, not equal; the outlier row is coarser alone
+    # each row's error is bounded by half a quantization step of that row
+    err = (q.dequantized_weight() - linear.weight.detach()).abs().amax(dim=1)
+    assert torch.all(err <= q.scale / 2 + 1e-7)
+
+
+def test_weight_only_int8_keeps_bf16_activations_and_skips_subclasses():
+    linear = torch.nn.Linear(32, 16, bias=False)
+    q = Int8WeightOnlyLinear(linear, compute_dtype=torch.bfloat16)
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    assert q(x).dtype == torch.bfloat16
+    assert q(x.float()).dtype == torch.float32  # computed in bf16, returned in the input's dtype
+
+    class Custom(torch.nn.Linear):
+        pass
+
+    tree = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.Linear(4, 4), Custom(4, 4)))
+    assert quantize_linears(tree) == 2
+    assert isinstance(tree[1][1], Custom)  # a subclass may do more than a matmul: left alone
+
+
+def test_tied_head_and_embeddings_share_one_int8_table(tiny_lite):
+    llm = tiny_lite().model.llm
+    assert llm.get_output_embeddings().weight is llm.get_input_embeddings().weight
+    table = llm.get_input_embeddings().weight.detach().clone()
+    ids = torch.tensor([[1, 5, 9, 200]])
+    hidden = torch.randn(1, 4, table.shape[1])
+    assert quantize_tied_embeddings(llm)
+    head, embed = llm.get_output_embeddings(), llm.get_input_embeddings()
+    assert isinstance(head, Int8WeightOnlyLinear) and isinstance(embed, Int8Embedding)
+    assert embed(ids).dtype == torch.float32
+    torch.testing.assert_close(embed(ids), table[ids], atol=(head.scale.float().max() / 2).item(), rtol=0)
+    logits = head(hidden)
+    rel = ((logits - hidden @ table.T).norm() / (hidden @ table.T).norm()).item()
+    assert rel < 0.02
+    assert sum(b.numel() for b in llm.buffers() if b.dtype == torch.int8) == table.numel()  # one table
+    assert not quantize_tied_embeddings(llm)  # already done: not tied nn.Linear/nn.Embedding any more

@@ -95,7 +95,7 @@ def test_browser_chat_upload_ask_stream_screenshot(server):
         page = browser.new_page(viewport={"width": 1100, "height": 900})
         page.goto(url)
         page.wait_for_selector("textarea", timeout=60_000)
-        assert "bnb-8bit" in page.content()  # the model and quantization are on the page
+        assert "int8-weight-only" in page.content()  # the model and quantization are on the page
         page.locator("input[type=file]").first.set_input_files(image)
         page.locator("textarea").first.fill(f"{SHORT}\nWhat color is the shape?")
         page.wait_for_timeout(500)

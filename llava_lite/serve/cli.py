@@ -44,7 +44,8 @@ def cmd_serve(args) -> int:
     from llava_lite import LlavaLite
     from llava_lite.serve.auth import resolve_access
     from llava_lite.serve.engine import ChatEngine
-    from llava_lite.serve.server import limit_malloc_arenas, serve_forever, start
+    from llava_lite.serve.native_memory import limit_malloc_arenas
+    from llava_lite.serve.server import serve_forever, start
 
     limit_malloc_arenas()
     config = serve_config(args)

@@ -7,7 +7,6 @@ for `shutdown_grace_s`, cancels the rest at their next token, closes, and exits 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -25,12 +24,12 @@ from llava_lite.serve.config import ServeConfig
 from llava_lite.serve.engine import ChatEngine
 from llava_lite.serve.gate import Gate, GateState
 from llava_lite.serve.metrics import ServerMetrics
+from llava_lite.serve.native_memory import MallocTrimmer
 from llava_lite.serve.openai_api import ImagePolicy, build_router
 from llava_lite.serve.ops import build_ops_router
 from llava_lite.serve.rate_limit import RateLimiter
 
 log = logging.getLogger("llava_lite.serve")
-M_ARENA_MAX = -8  # glibc <malloc.h>
 
 
 @dataclass
@@ -64,20 +63,6 @@ class RunningServer:
         return self.engine.in_flight + self.engine.queue_depth
 
 
-def limit_malloc_arenas(arenas: int = 2) -> bool:
-    """Cap glibc's malloc arenas (unless $MALLOC_ARENA_MAX says otherwise); call before the
-    model loads. glibc gives threads arenas of their own, and a server's generation threads and
-    Gradio's workers fragment them: in an 8-client, 5-minute soak the server's RSS grew 27 MB/min
-    in the second half uncapped and 9.6 MB/min with two arenas (and ended 217 MB smaller)."""
-    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl, ...)
-        return False
-    return bool(libc.mallopt(M_ARENA_MAX, arenas))
-
-
 def _setup_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -96,6 +81,7 @@ def start(engine: ChatEngine, config: ServeConfig, access: Access) -> RunningSer
     _setup_logging()
     metrics = ServerMetrics(lambda: engine.queue_depth, lambda: engine.in_flight)
     engine.on_finish.append(metrics.observe_generation)
+    engine.on_finish.append(MallocTrimmer())
     gate = GateState(access.keys, RateLimiter(config.rate_limit), metrics)
     # Gradio keeps uploads in its own temp folder; the examples are written next to it.
     cache_dir = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
