@@ -1,6 +1,7 @@
 """Precision `auto`: bf16 only where the processor runs it natively."""
 
-from llava_lite.train.precision import cpu_flags, resolve_precision
+from llava_lite.cpu_features import cpu_flags
+from llava_lite.train.precision import resolve_precision
 
 X86_NO_BF16 = ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n\n"
                "processor\t: 1\nflags\t\t: fpu\n")

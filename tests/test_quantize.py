@@ -116,3 +116,14 @@ def test_tied_head_and_embeddings_share_one_int8_table(tiny_lite):
     assert rel < 0.02
     assert sum(b.numel() for b in llm.buffers() if b.dtype == torch.int8) == table.numel()  # one table
     assert not quantize_tied_embeddings(llm)  # already done: not tied nn.Linear/nn.Embedding any more
+
+
+def test_weight_only_int8_prefill_path_matches_the_kernel():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40)
+    kernel, dequant = Int8WeightOnlyLinear(linear), Int8WeightOnlyLinear(linear, dequant_from_rows=8)
+    few, many = torch.randn(1, 3, 96), torch.randn(2, 20, 96)
+    torch.testing.assert_close(dequant(few), kernel(few))  # under the threshold: the same kernel
+    out, ref = dequant(many), kernel(many)
+    assert out.shape == ref.shape == (2, 20, 40)
+    assert ((out - ref).norm() / ref.norm()).item() < 0.01  # both bf16 with fp32 sums: not bit-equal

@@ -8,26 +8,9 @@ made from what the processor says it has.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-# /proc/cpuinfo flags that mean bf16 matmuls run in hardware: x86 AVX512-BF16 and AMX, and
-# Arm's BF16 extension (listed as "bf16" under Features).
-NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
-
-
-def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
-    """The first processor's feature flags (x86 `flags`, Arm `Features`); empty where unknown."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            return set(value.split())
-    return set()
+from llava_lite.cpu_features import native_bf16
 
 
 def resolve_precision(requested: str, cuda: bool | None = None, flags: set[str] | None = None) -> tuple[str, str]:
@@ -39,8 +22,7 @@ def resolve_precision(requested: str, cuda: bool | None = None, flags: set[str] 
         if torch.cuda.is_bf16_supported():
             return "bf16", f"auto: {torch.cuda.get_device_name()} supports bf16"
         return "fp16", f"auto: {torch.cuda.get_device_name()} has no bf16; fp16 with loss scaling"
-    flags = cpu_flags() if flags is None else flags
-    native = sorted(set(NATIVE_BF16_FLAGS) & flags)
+    native = native_bf16(flags)
     if native:
         return "bf16", f"auto: the CPU runs bf16 natively ({', '.join(native)})"
     return "fp32", ("auto: the CPU has no native bf16 (no avx512_bf16, amx_bf16 or bf16 flag), "
