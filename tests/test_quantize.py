@@ -127,3 +127,9 @@ def test_weight_only_int8_prefill_path_matches_the_kernel():
     out, ref = dequant(many), kernel(many)
     assert out.shape == ref.shape == (2, 20, 40)
     assert ((out - ref).norm() / ref.norm()).item() < 0.01  # both bf16 with fp32 sums: not bit-equal
+    # the casts share one buffer per thread: another layer in between must not leave stale weights
+    other_linear = torch.nn.Linear(96, 40)
+    other = Int8WeightOnlyLinear(other_linear, dequant_from_rows=8)
+    other_out = other(many)
+    assert ((other_out - Int8WeightOnlyLinear(other_linear)(many)).norm() / other_out.norm()).item() < 0.01
+    torch.testing.assert_close(dequant(many), out)
