@@ -35,7 +35,7 @@ def resolve_backend(mode: str, device: torch.device) -> str:
     if mode in BACKENDS:
         return mode
     if mode == "8bit":
-        return "bnb-8bit" if device.type == "cuda" or not weight_int8.supported() else "int8-weight-only"
+        return "bnb-8bit" if device.type == "cuda" else "int8-weight-only"  # torch>=2.4 has the kernel
     if mode == "4bit":
         return "bnb-4bit"
     raise ValueError(f"quantize={mode!r}; use none, 8bit, 4bit or one of {BACKENDS}")

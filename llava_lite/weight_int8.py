@@ -61,12 +61,6 @@ class Int8WeightOnlyLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-# Each thread casts weights into one reused buffer: a fresh ~1 MB tensor per layer per prefill
-# left a long-running server's heap growing ~10 MB/min (8-client soak) through fragmentation.
-SCRATCH_MAX_ELEMENTS = 4 << 20
-_scratch = threading.local()
-
-
 ROW_BUCKET = 64
 
 
@@ -79,6 +73,12 @@ def _bucketed_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if padded != rows:
         x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
     return (x @ weight.T)[:rows]
+
+
+# Each thread casts weights into one reused buffer: a fresh ~1 MB tensor per layer per prefill
+# left a long-running server's heap growing ~10 MB/min (8-client soak) through fragmentation.
+SCRATCH_MAX_ELEMENTS = 4 << 20
+_scratch = threading.local()
 
 
 def _dequant_scratch(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -139,8 +139,3 @@ def quantize_linears(module: nn.Module, compute_dtype: torch.dtype = torch.bfloa
         else:
             count += quantize_linears(child, compute_dtype, dequant_from_rows)
     return count
-
-
-def supported() -> bool:
-    """Whether this torch has the fused CPU kernel."""
-    return hasattr(torch.ops.aten, "_weight_int8pack_mm")

@@ -3,9 +3,9 @@
 Measured in a 10-minute, 8-client soak on the default model (`mallinfo2`): the bytes malloc
 had handed out stayed flat (about 450 MB), while the bytes it had freed but kept grew from
 70 to 170 MB, and the RSS with them. Generation threads and Gradio's workers allocate
-tensors of every prompt length and leave holes that glibc keeps mapped. Two remedies:
-fewer arenas (set before the model loads), and handing free pages back to the kernel
-(`malloc_trim`) after generations, at most every few seconds.
+tensors of every prompt length and leave holes that glibc keeps mapped. Three remedies:
+fewer arenas and a fixed mmap threshold (both set before the model loads), and handing free
+pages back to the kernel (`malloc_trim`) after generations, at most every few seconds.
 """
 
 from __future__ import annotations
