@@ -14,6 +14,7 @@ from llava_lite.checkpoint import build_model, is_checkpoint, load_checkpoint, s
 from llava_lite.config import LlavaLiteConfig
 from llava_lite.image_cache import ImageEmbedCache, image_key
 from llava_lite.images import ImageInput, load_image
+from llava_lite.llm import output_cache, with_cache
 from llava_lite.lora import is_peft
 from llava_lite.modeling import LlavaLiteModel
 from llava_lite.processor import LlavaLiteProcessor
@@ -239,7 +240,7 @@ class LlavaLite:
         cache = self._take_cache(ids, keys)
         if not stream:
             with torch.no_grad():
-                out = self.model.generate(input_ids, image_embeds=embeds, past_key_values=cache, **kwargs)
+                out = self.model.generate(input_ids, image_embeds=embeds, **with_cache(cache), **kwargs)
             self.prompt_cache.put(ids + out[0].tolist(), keys, cache)
             return self.processor.tokenizer.decode(out[0], skip_special_tokens=True).strip()
         return self._stream(input_ids, embeds, kwargs, cache, keys)
@@ -265,7 +266,7 @@ class LlavaLite:
                 with torch.no_grad():
                     generated.append(self.model.generate(
                         input_ids, image_embeds=embeds, streamer=streamer, stopping_criteria=criteria,
-                        past_key_values=cache, **kwargs))
+                        **with_cache(cache), **kwargs))
             except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
                 errors.append(err)
                 streamer.end()
@@ -348,7 +349,7 @@ class LlavaLite:
         head_embeds = self.model.embed(head, embeds)
         llm = self.model.llm
         out = llm(inputs_embeds=head_embeds, use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         cache.batch_repeat_interleave(len(prompts))
         tails = [p[shared:] for p in prompts]
         width = max(len(t) for t in tails)
@@ -365,9 +366,9 @@ class LlavaLite:
         generated: list[torch.Tensor] = []
         step_ids, step_pos = ids, positions[:, shared:]
         for _ in range(max_new_tokens):
-            out = llm(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
-                      use_cache=True)
-            cache = out.past_key_values
+            out = llm(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
+                      **with_cache(cache))
+            cache = output_cache(out)
             nxt = out.logits[:, -1].argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             generated.append(nxt)

@@ -58,3 +58,24 @@ def load_llm(config: LLMConfig, path: str | None = None, dtype: torch.dtype = to
 
 def llm_hidden_size(llm) -> int:
     return llm.get_input_embeddings().embedding_dim
+
+
+def _cache_name() -> str:
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+# transformers 5.x names the KV cache `cache` and warns on each call given `past_key_values`;
+# 4.x knows only `past_key_values`.
+CACHE_ARG = _cache_name()
+
+
+def with_cache(cache) -> dict:
+    """The keyword argument that passes `cache` to this transformers version's forward/generate."""
+    return {CACHE_ARG: cache}
+
+
+def output_cache(out):
+    """The KV cache a forward pass returned."""
+    return getattr(out, CACHE_ARG, None)

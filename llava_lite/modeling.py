@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llava_lite.config import LlavaLiteConfig
+from llava_lite.llm import output_cache
 from llava_lite.prompting import IGNORE_INDEX
 from llava_lite.vision.base import VisionTower
 
@@ -109,7 +110,7 @@ class LlavaLiteModel(nn.Module):
         embeds = self.embed(input_ids, image_embeds)
         if labels is None:
             out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, **llm_kwargs)
-            return LlavaLiteOutput(None, out.logits, getattr(out, "past_key_values", None))
+            return LlavaLiteOutput(None, out.logits, output_cache(out))
 
         decoder = self.llm.get_decoder()
         hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, **llm_kwargs).last_hidden_state

@@ -118,7 +118,8 @@ def _limit_args(p: argparse.ArgumentParser) -> None:
     helps = {
         "max_upload_mb": "largest upload in MB", "max_image_pixels": "largest image in pixels",
         "max_images": "images per conversation", "max_message_chars": "characters per user message",
-        "max_new_tokens": "cap on tokens generated per reply", "concurrency": "generations at once",
+        "max_new_tokens": "cap on tokens generated per reply",
+        "concurrency": "conversations decoded at once, as one batch",
         "queue_size": "requests waiting beyond this are refused",
         "queue_timeout_s": "seconds a request may wait for a slot",
         "generation_timeout_s": "seconds before a generation is stopped",

@@ -2,7 +2,8 @@
 
 It turns a request into model input under the server's limits, bounds how many
 generations run at once, stops runaway generations and turns every failure a user can
-cause into a `UserFacingError` with a readable message.
+cause into a `UserFacingError` with a readable message. The generations running at once
+decode together as one batch (`llava_lite.continuous_batching`).
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from transformers import StoppingCriteria
-
 from llava_lite import LlavaLite
+from llava_lite.continuous_batching import ContinuousBatcher, Generation
 from llava_lite.images import ImageInput, ImageLoadError, load_image
 from llava_lite.prompting import ConversationError, SequenceTooLongError
 from llava_lite.serve.limits import ServeLimits
@@ -65,6 +64,8 @@ class ChatEngine:
         self._active = 0
         self._lock = threading.Lock()
         self._cancel = threading.Event()
+        # One decode batch for every live conversation, as wide as the generations allowed at once.
+        self.batcher = ContinuousBatcher(lite, max_batch=self.limits.concurrency, cancel_all=self._cancel)
         # called with each finished generation's stats (metrics); must not raise
         self.on_finish: list[Callable[[GenerationStats], None]] = []
 
@@ -138,42 +139,31 @@ class ChatEngine:
         stats.prompt_tokens = len(ids)
         self._acquire()
         start = time.perf_counter()
-        counter = _TokenCounter(self._cancel)
+        gen = self.batcher.submit(
+            request.messages, images, max_new_tokens=max_new, temperature=float(request.temperature),
+            top_p=float(request.top_p), timeout_s=self.limits.generation_timeout_s)
         try:
-            chunks = self.lite.chat(
-                request.messages, images=images, stream=True, temperature=float(request.temperature),
-                top_p=float(request.top_p), max_new_tokens=max_new,
-                max_time=self.limits.generation_timeout_s, stopping_criteria=[counter],
-            )
-            for chunk in chunks:
+            for chunk in gen:
                 if stats.first_token_s is None:
                     stats.first_token_s = time.perf_counter() - start
                 yield chunk
         except UserFacingError:
-            stats.finish_reason = "error"
             raise
         except Exception as err:
-            stats.finish_reason = "error"
-            log.exception("generation failed")
+            log.error("generation failed: %r", err)
             raise UserFacingError("Sorry, something went wrong while generating; the error was "
                                   "logged on the server.") from err
         finally:
-            self._finish(stats, counter, start, max_new)
+            gen.close()  # a reader that stopped early (Stop button, closed connection) ends it here
+            self._finish(stats, gen, start)
 
-    def _finish(self, stats: GenerationStats, counter: _TokenCounter, start: float, max_new: int) -> None:
+    def _finish(self, stats: GenerationStats, gen: Generation, start: float) -> None:
         with self._lock:
             self._active -= 1
         self._slots.release()
         stats.total_s = time.perf_counter() - start
-        stats.completion_tokens = counter.tokens
-        if stats.finish_reason == "error":
-            pass
-        elif counter.cancelled:
-            stats.finish_reason = "cancelled"
-        elif stats.total_s >= self.limits.generation_timeout_s:
-            stats.finish_reason = "timeout"
-        elif stats.completion_tokens >= max_new:
-            stats.finish_reason = "length"
+        stats.completion_tokens = len(gen.tokens)
+        stats.finish_reason = gen.finish_reason or "stop"
         for callback in self.on_finish:
             try:
                 callback(stats)
@@ -198,21 +188,6 @@ class ChatEngine:
                 self._waiting -= 1
         with self._lock:
             self._active += 1
-
-
-class _TokenCounter(StoppingCriteria):
-    """Counts generated tokens (stopping criteria run once per new token); stops only when the
-    engine cancels every generation (server shutdown)."""
-
-    def __init__(self, cancel: threading.Event) -> None:
-        self.tokens = 0
-        self.cancel = cancel
-        self.cancelled = False
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        self.tokens += 1
-        self.cancelled = self.cancelled or self.cancel.is_set()
-        return torch.full((input_ids.shape[0],), self.cancelled, dtype=torch.bool, device=input_ids.device)
 
 
 def _hide_dirs(message: str, source: ImageInput) -> str:

@@ -14,7 +14,7 @@ class ServeLimits:
     max_images: int = 8  # per conversation
     max_message_chars: int = 8_000  # per user message, checked before tokenizing
     max_new_tokens: int = 512  # requests asking for more are capped
-    concurrency: int = 2  # generations running at once; the rest wait in a queue
+    concurrency: int = 8  # conversations decoding at once (one batch); the rest wait in a queue
     queue_size: int = 64  # waiting requests beyond this are refused
     queue_timeout_s: float = 300.0  # a request waiting longer is refused as busy
     generation_timeout_s: float = 120.0  # generation stops (and says so) after this long

@@ -9,6 +9,8 @@ and the server's memory over time (with its trend), as JSON, markdown and a PNG.
 `--auth` gives every client its own API key (and the browser clients a login);
 `--rate-limit-rpm/--rate-limit-concurrent` turn per-key limits on (a 429 is waited out, as
 its Retry-After says, and counted, not an error).
+`--throughput` instead runs one client and then N clients, OpenAI API only, asking for a
+detailed description (max_tokens 64), and prints each phase's aggregate tokens/s and the ratio.
 Not part of CI: it runs for minutes by design.
 """
 
@@ -81,7 +83,7 @@ def _client(worker: int, url: str, items: list[dict], stop: float, results: list
     turns = 0
     while time.time() < stop:
         item = rng.choice(items)
-        via = "openai" if rng.random() < 0.5 else "gradio"
+        via = "openai" if args.throughput or rng.random() < 0.5 else "gradio"
         if via == "gradio":
             # A browser session keeps its history; like a user, start a new chat every few turns.
             if turns == 3:
@@ -99,8 +101,8 @@ def _client(worker: int, url: str, items: list[dict], stop: float, results: list
             else:
                 uri = "data:image/png;base64," + base64.b64encode(Path(item["image"]).read_bytes()).decode()
                 content = [{"type": "image_url", "image_url": {"url": uri}},
-                           {"type": "text", "text": item["question"]}]
-                out = openai.chat.completions.create(model="llava-lite", max_tokens=8,
+                           {"type": "text", "text": args.prompt or item["question"]}]
+                out = openai.chat.completions.create(model="llava-lite", max_tokens=args.max_tokens,
                                                      messages=[{"role": "user", "content": content}])
                 reply, tokens = out.choices[0].message.content, out.usage.completion_tokens
         except RateLimitError as err:  # expected when a limit is set: wait as the server says
@@ -148,12 +150,13 @@ def agreement(first: dict[str, float], last: dict[str, float], results: list[dic
             "server_tokens": last["tokens"] - first["tokens"], "api_tokens_counted_by_clients": api_tokens}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=None, help="an already running server (default: start one)")
     p.add_argument("--model", default=None, help="model for the started server (default: built-in)")
     p.add_argument("--quantize", default="8bit", help="quantization for the started server (default: 8bit)")
-    p.add_argument("--concurrency", type=int, default=2, help="server generation slots (default: 2)")
+    p.add_argument("--concurrency", type=int, default=8,
+                   help="conversations the server decodes as one batch (default: 8)")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients (default: 8)")
     p.add_argument("--minutes", type=float, default=5.0, help="how long to run (default: 5)")
     p.add_argument("--out", default="runs/soak", help="report folder (default: runs/soak)")
@@ -161,11 +164,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="start the server with one API key per client and a chat-page login, and use them")
     p.add_argument("--rate-limit-rpm", type=int, default=0, help="per-key requests per minute on the server")
     p.add_argument("--rate-limit-concurrent", type=int, default=0, help="per-key generations at once on the server")
+    p.add_argument("--throughput", action="store_true",
+                   help="instead of the mixed soak: OpenAI-API clients asking for a detailed description, one "
+                        "client for --minutes and then --clients clients for --minutes; prints each phase's "
+                        "aggregate tokens/s, p50/p95 latency and the ratio")
     args = p.parse_args(argv)
+    args.prompt = "Describe the picture in detail." if args.throughput else None
+    args.max_tokens = 64 if args.throughput else 8
     import secrets
 
     args.keys = [f"sk-soak-{i}-{secrets.token_hex(8)}" for i in range(args.clients)]
     args.login = ["soak", secrets.token_hex(8)]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
 
     from llava_lite.data.easyvqa import eval_items
 
@@ -173,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     proc, url = (None, args.url.rstrip("/")) if args.url else _start_server(args, out / "server.log")
     items = eval_items("test", limit=500, seed=1)
+    if args.throughput:
+        try:
+            return _throughput(url, items, args, out)
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=60)
     memory: list[tuple[float, float]] = []
     results: list[dict] = []
     lock = threading.Lock()
@@ -204,6 +225,43 @@ def main(argv: list[str] | None = None) -> int:
     _plot(results, memory, out / "soak.png", start)
     print(md)
     return 0 if report["errors"] == 0 and report["metrics_vs_soak"]["agree"] else 1
+
+
+def _phase(url: str, items: list[dict], clients: int, args) -> dict:
+    """`clients` clients for --minutes: aggregate completion tokens/s and latency."""
+    results: list[dict] = []
+    lock = threading.Lock()
+    start = time.time()
+    stop = start + 60 * args.minutes
+    threads = [threading.Thread(target=_client, args=(i, url, items, stop, results, lock, args), daemon=True)
+               for i in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=600)
+    elapsed = time.time() - start
+    ok = [r for r in results if not r["error"] and not r["rate_limited"]]
+    lat = np.array([r["latency_s"] for r in ok]) if ok else np.array([float("nan")])
+    return {"clients": clients, "requests": len(results), "errors": len(results) - len(ok),
+            "error_examples": sorted({r["error"] for r in results if r["error"]})[:3],
+            "tokens": sum(r["tokens"] for r in ok), "seconds": round(elapsed, 1),
+            "tok_per_s": round(sum(r["tokens"] for r in ok) / elapsed, 2),
+            "p50_s": round(float(np.percentile(lat, 50)), 2), "p95_s": round(float(np.percentile(lat, 95)), 2)}
+
+
+def _throughput(url: str, items: list[dict], args, out: Path) -> int:
+    """One client, then --clients clients, side by side in one run against one server."""
+    phases = [_phase(url, items, 1, args), _phase(url, items, args.clients, args)]
+    ratio = phases[1]["tok_per_s"] / phases[0]["tok_per_s"] if phases[0]["tok_per_s"] else float("nan")
+    report = {"phases": phases, "ratio": round(ratio, 2), "prompt": args.prompt, "max_tokens": args.max_tokens}
+    (out / "throughput.json").write_text(json.dumps(report, indent=2))
+    keys = ["clients", "requests", "errors", "tokens", "seconds", "tok_per_s", "p50_s", "p95_s"]
+    md = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
+    md += "".join("| " + " | ".join(str(ph[k]) for k in keys) + " |\n" for ph in phases)
+    md += f"\n{args.clients} clients / 1 client, aggregate tokens/s: **{ratio:.2f}x**\n"
+    (out / "throughput.md").write_text(md)
+    print(md)
+    return 0 if all(ph["errors"] == 0 for ph in phases) else 1
 
 
 def _watch(proc, url: str, start: float, stop: float, results: list, memory: list) -> int:

@@ -1,0 +1,299 @@
+"""Continuous batching: live conversations decode together, one forward pass per token.
+
+A decode step of a small LLM on a CPU is bound by reading the weights, not by arithmetic, so
+a step over eight conversations costs little more than a step over one. One worker thread
+owns the model. A new conversation runs its own prefill (reusing a cached prefix from
+`LlavaLite.prompt_cache` when it continues an earlier one) and joins the running batch at the
+next step; a finished one leaves at once. No conversation waits for another to finish.
+
+The batch's KV cache is left-padded: each row's real keys and values are a suffix of the time
+axis, the attention mask hides the padding and every row keeps its own positions, as in
+`LlavaLite.ask_batch`. Greedy rows take the argmax; sampled rows go through transformers'
+temperature and top-p warpers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, TemperatureLogitsWarper, TextIteratorStreamer, TopPLogitsWarper
+
+from llava_lite.llm import output_cache, with_cache
+
+log = logging.getLogger("llava_lite.batching")
+
+
+class Generation:
+    """One conversation's reply inside a `ContinuousBatcher`. Iterate it for the text chunks;
+    `close()` stops it at the next token (a Stop button, a closed connection)."""
+
+    def __init__(self, tokenizer, messages: Sequence[dict], images: Sequence, max_new_tokens: int,
+                 temperature: float, top_p: float, timeout_s: float) -> None:
+        self.messages, self.images = list(messages), list(images)
+        self.max_new_tokens = max_new_tokens
+        self.temperature, self.top_p = float(temperature), float(top_p)
+        self.deadline = time.monotonic() + timeout_s
+        self.streamer = TextIteratorStreamer(tokenizer, skip_special_tokens=True)
+        self.prompt_ids: list[int] = []
+        self.image_keys: list[str] = []
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None  # "stop", "length", "timeout", "cancelled" or "error"
+        self.error: BaseException | None = None
+        self._closed = threading.Event()
+        self._done = threading.Event()
+
+    def __iter__(self) -> Iterator[str]:
+        first = True
+        for chunk in self.streamer:
+            if first:
+                chunk, first = chunk.lstrip(), False
+            if chunk:
+                yield chunk
+        self._done.wait()
+        if self.error is not None:
+            raise self.error
+
+    def close(self, wait: bool = True) -> None:
+        self._closed.set()
+        if wait:
+            self._done.wait()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the generation has ended by itself; False on `timeout`."""
+        return self._done.wait(timeout)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _end(self, reason: str, error: BaseException | None = None) -> None:
+        self.finish_reason, self.error = reason, error
+        self.streamer.end()
+        self._done.set()
+
+
+class _Batch:
+    """The running rows: their generations, one KV cache, the attention mask, each row's next
+    position and last token."""
+
+    def __init__(self) -> None:
+        self.gens: list[Generation] = []
+        self.cache: DynamicCache | None = None
+        self.mask = self.pos = self.last = None
+
+    def __len__(self) -> int:
+        return len(self.gens)
+
+    def join(self, gen: Generation, cache: DynamicCache, token: int, device) -> None:
+        """Add a prefilled row: pad the shorter of (batch, row) on the left and stack them."""
+        n = cache.get_seq_length()
+        row_mask = torch.ones((1, n), dtype=torch.long, device=device)
+        row_pos = torch.tensor([n], device=device)
+        row_last = torch.tensor([token], device=device)
+        if not self.gens:
+            self.cache, self.mask, self.pos, self.last = cache, row_mask, row_pos, row_last
+            self.gens = [gen]
+            return
+        width = max(n, self.mask.shape[1])
+        layers = []
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            layers.append(tuple(torch.cat([_pad_left(a, width), _pad_left(b, width)])
+                                for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values))))
+        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(row_mask, width)])
+        self.pos = torch.cat([self.pos, row_pos])
+        self.last = torch.cat([self.last, row_last])
+        self.gens.append(gen)
+
+    def row_cache(self, row: int) -> DynamicCache:
+        """A copy of one row's keys and values, without its padding (for the prompt cache)."""
+        n = int(self.mask[row].sum())
+        return DynamicCache(ddp_cache_data=[
+            (layer.keys[row:row + 1, :, -n:].clone(), layer.values[row:row + 1, :, -n:].clone())
+            for layer in self.cache.layers])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only `rows`, then drop padding columns no row needs any more."""
+        if not rows:
+            self.__init__()
+            return
+        index = torch.tensor(rows, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.pos, self.last = self.mask[index], self.pos[index], self.last[index]
+        self.gens = [self.gens[i] for i in rows]
+        unused = int((self.mask.sum(0) == 0).long().cumprod(0).sum())
+        if unused:
+            self.mask = self.mask[:, unused:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+
+
+def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad the time axis (dim 2 of keys/values, dim 1 of a mask) on the left to `width`."""
+    missing = width - t.shape[-2 if t.dim() == 4 else -1]
+    if missing == 0:
+        return t
+    return F.pad(t, (0, 0, missing, 0)) if t.dim() == 4 else F.pad(t, (missing, 0))
+
+
+class ContinuousBatcher:
+    """Runs many generations on one `LlavaLite` as one decode batch of up to `max_batch` rows.
+
+    `cancel_all`, when set, ends every live generation at its next token ("cancelled"). The
+    worker thread starts with the first submission and ends when there is nothing to do.
+    """
+
+    def __init__(self, lite, max_batch: int = 8, cancel_all: threading.Event | None = None) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.lite = lite
+        self.max_batch = max_batch
+        self.cancel_all = cancel_all or threading.Event()
+        self._pending: list[Generation] = []
+        self._batch = _Batch()
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+        self.steps = 0  # decode steps run, and rows they carried: their ratio is the mean batch
+        self.rows_stepped = 0
+        eos = lite.processor.tokenizer.eos_token_id
+        self._eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+
+    @property
+    def active(self) -> int:
+        """Generations admitted or waiting for admission and not yet finished."""
+        with self._lock:
+            return len(self._pending) + len(self._batch)
+
+    def submit(self, messages: Sequence[dict], images: Sequence = (), *, max_new_tokens: int = 128,
+               temperature: float = 0.0, top_p: float = 1.0, timeout_s: float = math.inf) -> Generation:
+        """Queue a conversation for a reply; returns its `Generation` at once."""
+        gen = Generation(self.lite.processor.tokenizer, messages, images, max_new_tokens, temperature, top_p,
+                         timeout_s)
+        with self._lock:
+            self._pending.append(gen)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._run, name="llava-lite-batcher", daemon=True)
+                self._worker.start()
+        return gen
+
+    # -- the worker ----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            with torch.no_grad():
+                while self._round():
+                    pass
+        except BaseException as err:  # a bug here must not leave readers waiting forever
+            log.exception("batch worker failed")
+            with self._lock:
+                for gen in self._pending + self._batch.gens:
+                    gen._end("error", err)
+                self._pending, self._worker = [], None
+                self._batch.keep([])
+
+    def _round(self) -> bool:
+        """Admit what fits, run one decode step; False (and the worker ends) when idle."""
+        with self._lock:
+            if not self._pending and not self._batch.gens:
+                self._worker = None
+                return False
+            room = self.max_batch - len(self._batch)
+            admit, self._pending = self._pending[:room], self._pending[room:]
+        for gen in admit:
+            self._admit(gen)
+        if self._batch.gens:
+            self._step()
+        return True
+
+    def _admit(self, gen: Generation) -> None:
+        """Prefill one conversation, emit its first token and, unless done, add it to the batch."""
+        lite = self.lite
+        try:
+            if self._stop_reason(gen):
+                gen._end(self._stop_reason(gen))
+                return
+            ids, embeds, keys = lite._prepare(gen.messages, gen.images, gen.max_new_tokens)
+            gen.prompt_ids, gen.image_keys = ids, keys
+            cache, reused = lite.prompt_cache.take(ids, keys)
+            if cache is None:
+                cache, reused = DynamicCache(config=lite.model.llm.config), 0
+            input_ids = torch.tensor([ids], device=lite.device)
+            embeds = lite.model.embed(input_ids, embeds)[:, reused:]
+            out = lite.model.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1,
+                                 **with_cache(cache))
+            token = self._sample([gen], out.logits[:, -1])[0]
+        except Exception as err:  # this request's failure only; the batch goes on
+            log.exception("prefill failed")
+            gen._end("error", err)
+            return
+        with self._lock:
+            if not self._emit(gen, token):
+                self._batch.join(gen, output_cache(out), token, lite.device)
+            else:
+                lite.prompt_cache.put(ids + gen.tokens, keys, output_cache(out))
+
+    def _step(self) -> None:
+        batch = self._batch
+        try:
+            mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
+            out = self.lite.model.llm(input_ids=batch.last[:, None], attention_mask=mask,
+                                      position_ids=batch.pos[:, None], use_cache=True,
+                                      **with_cache(batch.cache))
+            tokens = self._sample(batch.gens, out.logits[:, -1])
+        except Exception as err:  # a failed step fails every row in it
+            log.exception("decode step failed")
+            with self._lock:
+                for gen in batch.gens:
+                    gen._end("error", err)
+                batch.keep([])
+            return
+        self.steps += 1
+        self.rows_stepped += len(batch)
+        with self._lock:
+            batch.cache, batch.mask = output_cache(out), mask
+            batch.pos = batch.pos + 1
+            batch.last = torch.tensor(tokens, device=batch.last.device)
+            live = []
+            for row, (gen, token) in enumerate(zip(batch.gens, tokens, strict=True)):
+                if self._emit(gen, token):
+                    self.lite.prompt_cache.put(gen.prompt_ids + gen.tokens, gen.image_keys, batch.row_cache(row))
+                else:
+                    live.append(row)
+            if len(live) < len(batch):
+                batch.keep(live)
+
+    def _sample(self, gens: Sequence[Generation], logits: torch.Tensor) -> list[int]:
+        tokens = logits.argmax(-1).tolist()
+        for row, gen in enumerate(gens):
+            if gen.temperature > 0:
+                scores = TemperatureLogitsWarper(max(gen.temperature, 1e-5))(None, logits[row:row + 1].float())
+                if gen.top_p < 1.0:
+                    scores = TopPLogitsWarper(gen.top_p)(None, scores)
+                tokens[row] = int(torch.multinomial(scores.softmax(-1), 1))
+        return tokens
+
+    def _emit(self, gen: Generation, token: int) -> bool:
+        """Stream `token` to its generation; True when that generation has finished."""
+        gen.tokens.append(token)
+        gen.streamer.put(torch.tensor([token]))
+        reason = "stop" if token in self._eos else self._stop_reason(gen)
+        if reason is None and len(gen.tokens) >= gen.max_new_tokens:
+            reason = "length"
+        if reason is not None:
+            gen._end(reason)
+            return True
+        return False
+
+    def _stop_reason(self, gen: Generation) -> str | None:
+        if self.cancel_all.is_set():
+            return "cancelled"
+        if gen._closed.is_set():
+            return "stop"  # the reader went away: stopping is what it asked for
+        if time.monotonic() >= gen.deadline:
+            return "timeout"
+        return None

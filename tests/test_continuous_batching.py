@@ -1,0 +1,130 @@
+"""Continuous batching on a tiny model: rows that decode together give the same tokens as one
+generation at a time, join and leave mid-flight, and keep their own limits."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from llava_lite.continuous_batching import ContinuousBatcher
+
+TOKEN = "<image>"
+
+
+def _png(color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 24), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _conversations():
+    """Prompts of different lengths, so the batch is padded, about different images."""
+    texts = ["hi", "what colour is the shape in this picture?", "count them", "is there a red circle on the left?",
+             "describe it", "what shape?"]
+    return [([{"role": "user", "content": f"{TOKEN}\n{t}"}], [_png((40 * i, 200 - 30 * i, 90))])
+            for i, t in enumerate(texts)]
+
+
+@pytest.fixture
+def lite(tiny_lite):
+    lite = tiny_lite(lora=False)
+    lite.prompt_cache.capacity = 0  # each reference reply from a cold start
+    return lite
+
+
+def _reference(lite, convs, max_new: int) -> list[str]:
+    return [lite.chat(m, images=i, max_new_tokens=max_new) for m, i in convs]
+
+
+def test_batched_greedy_replies_equal_one_at_a_time(lite):
+    convs = _conversations()
+    expected = _reference(lite, convs, 12)
+    batcher = ContinuousBatcher(lite, max_batch=4)  # 6 conversations: two join as others leave
+    gens = [batcher.submit(m, i, max_new_tokens=12) for m, i in convs]
+    assert ["".join(g).strip() for g in gens] == expected
+    assert batcher.rows_stepped / batcher.steps > 2  # rows really decoded together
+    assert all(g.finish_reason in ("stop", "length") and len(g.tokens) <= 12 for g in gens)
+
+
+def test_rows_join_a_running_batch_and_leave_early(lite):
+    convs = _conversations()
+    lengths = [3, 20, 7, 15, 1, 9]
+    expected = [lite.chat(m, images=i, max_new_tokens=n) for (m, i), n in zip(convs, lengths, strict=True)]
+    batcher = ContinuousBatcher(lite, max_batch=8)
+    first = [batcher.submit(m, i, max_new_tokens=n) for (m, i), n in zip(convs[:3], lengths[:3], strict=True)]
+    next(iter(first[1]))  # the batch is running: the rest join it mid-flight
+    late = [batcher.submit(m, i, max_new_tokens=n) for (m, i), n in zip(convs[3:], lengths[3:], strict=True)]
+    for gen in first + late:
+        gen.wait()
+    decode = lite.processor.tokenizer.decode
+    assert [decode(g.tokens, skip_special_tokens=True).strip() for g in first + late] == expected
+    assert all(len(g.tokens) <= n for g, n in zip(first + late, lengths, strict=True))
+
+
+def test_a_follow_up_turn_reuses_the_cached_prefix_and_matches(tiny_lite):
+    lite = tiny_lite(lora=False)
+    messages, images = _conversations()[1]
+    batcher = ContinuousBatcher(lite, max_batch=2)
+    first = batcher.submit(messages, images, max_new_tokens=6)
+    reply = "".join(first).strip()
+    follow = messages + [{"role": "assistant", "content": reply}, {"role": "user", "content": "and the size?"}]
+    hits = lite.prompt_cache.hits
+    got = "".join(batcher.submit(follow, images, max_new_tokens=6)).strip()
+    assert lite.prompt_cache.hits == hits + 1  # the batcher put the first turn's cache back
+    lite.prompt_cache.clear()
+    assert got == lite.chat(follow, images=images, max_new_tokens=6)
+
+
+def test_closing_one_generation_leaves_the_others_unchanged(lite):
+    convs = _conversations()[:3]
+    expected = _reference(lite, convs, 15)
+    batcher = ContinuousBatcher(lite, max_batch=3)
+    gens = [batcher.submit(m, i, max_new_tokens=15) for m, i in convs]
+    next(iter(gens[1]))
+    gens[1].close()
+    assert gens[1].finish_reason == "stop" and len(gens[1].tokens) < 15
+    assert ["".join(g).strip() for g in (gens[0], gens[2])] == [expected[0], expected[2]]
+
+
+def test_timeout_ends_a_row(lite):
+    (m, i), = _conversations()[:1]
+    timed = ContinuousBatcher(lite).submit(m, i, max_new_tokens=200, timeout_s=0.2)
+    "".join(timed)
+    assert timed.finish_reason == "timeout" and len(timed.tokens) < 200
+
+
+def test_sampled_and_greedy_rows_share_a_batch_until_cancel_all(lite):
+    (m, i), (m2, i2) = _conversations()[:2]
+    ids, embeds, _ = lite._prepare(m, i, 60)  # what lite.chat runs, as tokens
+    expected = lite.model.generate(torch.tensor([ids]), image_embeds=embeds, **lite._gen_kwargs(60))[0].tolist()
+    cancel = threading.Event()
+    batcher = ContinuousBatcher(lite, max_batch=4, cancel_all=cancel)
+    greedy = batcher.submit(m, i, max_new_tokens=60)
+    sampled = batcher.submit(m2, i2, max_new_tokens=60, temperature=0.9, top_p=0.8)
+    chunks = iter(sampled)
+    next(chunks)
+    cancel.set()
+    "".join(chunks), greedy.wait()
+    assert sampled.finish_reason == greedy.finish_reason == "cancelled"
+    assert 0 < len(sampled.tokens) < 60
+    assert greedy.tokens == expected[:len(greedy.tokens)]  # the sampled row did not disturb it
+
+
+def test_a_bad_request_fails_alone_and_the_worker_ends_when_idle(lite):
+    (m, i), (m2, i2) = _conversations()[:2]
+    batcher = ContinuousBatcher(lite, max_batch=4)
+    good = batcher.submit(m, i, max_new_tokens=5)
+    bad = batcher.submit(m2, [], max_new_tokens=5)  # an image placeholder without its image
+    with pytest.raises(Exception, match="image"):
+        "".join(bad)
+    assert bad.finish_reason == "error"
+    assert "".join(good).strip() == lite.chat(m, images=i, max_new_tokens=5)
+    deadline = time.monotonic() + 5
+    while batcher._worker is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batcher._worker is None and batcher.active == 0
