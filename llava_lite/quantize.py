@@ -62,10 +62,10 @@ def _weight_only_int8(llm: nn.Module) -> nn.Module:
     if llm.device.type != "cpu":
         raise ValueError("quantize='int8-weight-only' runs on the CPU; on CUDA use 'bnb-8bit'")
     llm.float()  # norms, attention and the residual stream stay fp32
-    rows = weight_int8.default_dequant_from_rows()
-    weight_int8.quantize_linears(llm.get_decoder(), dequant_from_rows=rows)
+    dequant = weight_int8.default_dequant()
+    weight_int8.quantize_linears(llm.get_decoder(), **dequant)
     # The tied LM head is a fifth of SmolLM2-135M's weights and read on every token.
-    weight_int8.quantize_tied_embeddings(llm, dequant_from_rows=rows)
+    weight_int8.quantize_tied_embeddings(llm, **dequant)
     return llm
 
 

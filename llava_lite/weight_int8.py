@@ -25,14 +25,16 @@ class Int8WeightOnlyLinear(nn.Module):
     The kernel's bf16 path is vectorized and its fp32 path is not (10x slower at one token on
     a 2-core Xeon), so inputs are computed in `compute_dtype` (bf16 by default) and the output
     is returned in the input's dtype. The kernel is built for a few rows (decoding); from
-    `dequant_from_rows` rows on (a prefill), the weights are cast to bf16 for one native bf16
-    matmul instead, which on a CPU with AMX was 2.5x faster at 100 rows.
+    `dequant_from_rows` rows on (a prefill), the weights are cast to `dequant_dtype` (default
+    `compute_dtype`) for one ordinary matmul instead: in bf16 on a CPU with AMX that was 2.5x
+    faster at 100 rows, in fp32 on an AVX2-only CPU 1.1-1.4x at 96 rows.
     """
 
     def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16,
-                 dequant_from_rows: int | None = None) -> None:
+                 dequant_from_rows: int | None = None, dequant_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.dequant_from_rows = dequant_from_rows
+        self.dequant_dtype = dequant_dtype or compute_dtype
         weight = linear.weight.detach().to(torch.float32)
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -44,12 +46,14 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.dtype != self.scale.dtype:
-            flat = flat.to(self.scale.dtype)
         if self.dequant_from_rows is not None and flat.shape[0] >= self.dequant_from_rows:
-            out = _bucketed_matmul(flat, _dequant_scratch(self.weight_int8, flat.dtype)) * self.scale
+            flat = flat.to(self.dequant_dtype)
+            weight = _dequant_scratch(self.weight_int8, flat.dtype)
+            # oneDNN's bf16 matmul caches per shape (see _bucketed_matmul); fp32 goes to BLAS
+            out = (_bucketed_matmul(flat, weight) if flat.dtype == torch.bfloat16 else flat @ weight.T) * self.scale
         else:
-            out = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.weight_int8, self.scale)
+            flat = flat.to(self.scale.dtype).contiguous()
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -107,20 +111,25 @@ class Int8Embedding(nn.Module):
         return head.weight_int8[ids].to(self.dtype) * head.scale[ids].to(self.dtype).unsqueeze(-1)
 
 
-def default_dequant_from_rows() -> int | None:
-    """32 rows where the CPU runs bf16 matmuls natively (measured: the kernel and the bf16
-    matmul cross between 16 and 32 rows); never elsewhere, where bf16 matmuls are emulated."""
-    return 32 if native_bf16() else None
+def default_dequant() -> dict:
+    """Where the fused kernel hands over to a cast-and-matmul, for this CPU: from 32 rows in
+    bf16 where the CPU runs bf16 natively (the two crossed between 16 and 32 rows on a Xeon with
+    AMX); from 80 rows in fp32 elsewhere, where bf16 matmuls are emulated (on a 2-core AVX2
+    EPYC the kernel costs ~35 us a row per 576x1536 layer, the fp32 cast ~0.7 ms once plus
+    ~15 us a row: they cross near 70 rows)."""
+    if native_bf16():
+        return {"dequant_from_rows": 32, "dequant_dtype": torch.bfloat16}
+    return {"dequant_from_rows": 80, "dequant_dtype": torch.float32}
 
 
 def quantize_tied_embeddings(llm: nn.Module, compute_dtype: torch.dtype = torch.bfloat16,
-                             dequant_from_rows: int | None = None) -> bool:
+                             dequant_from_rows: int | None = None, dequant_dtype: torch.dtype | None = None) -> bool:
     """Quantize a causal LM's tied LM head and input embeddings into one int8 table; returns
     False (and changes nothing) when they are not tied."""
     head, embed = llm.get_output_embeddings(), llm.get_input_embeddings()
     if type(head) is not nn.Linear or type(embed) is not nn.Embedding or head.weight is not embed.weight:
         return False
-    qhead = Int8WeightOnlyLinear(head, compute_dtype, dequant_from_rows)
+    qhead = Int8WeightOnlyLinear(head, compute_dtype, dequant_from_rows, dequant_dtype)
     dtype = embed.weight.dtype
     llm.config.tie_word_embeddings = False  # nothing may re-tie a full-precision table later
     llm.set_output_embeddings(qhead)
@@ -129,13 +138,13 @@ def quantize_tied_embeddings(llm: nn.Module, compute_dtype: torch.dtype = torch.
 
 
 def quantize_linears(module: nn.Module, compute_dtype: torch.dtype = torch.bfloat16,
-                     dequant_from_rows: int | None = None) -> int:
+                     dequant_from_rows: int | None = None, dequant_dtype: torch.dtype | None = None) -> int:
     """Replace every `nn.Linear` under `module` with `Int8WeightOnlyLinear`; returns how many."""
     count = 0
     for name, child in list(module.named_children()):
         if type(child) is nn.Linear:
-            setattr(module, name, Int8WeightOnlyLinear(child, compute_dtype, dequant_from_rows))
+            setattr(module, name, Int8WeightOnlyLinear(child, compute_dtype, dequant_from_rows, dequant_dtype))
             count += 1
         else:
-            count += quantize_linears(child, compute_dtype, dequant_from_rows)
+            count += quantize_linears(child, compute_dtype, dequant_from_rows, dequant_dtype)
     return count

@@ -118,10 +118,12 @@ def test_tied_head_and_embeddings_share_one_int8_table(tiny_lite):
     assert not quantize_tied_embeddings(llm)  # already done: not tied nn.Linear/nn.Embedding any more
 
 
-def test_weight_only_int8_prefill_path_matches_the_kernel():
+@pytest.mark.parametrize("dequant_dtype", [torch.bfloat16, torch.float32])
+def test_weight_only_int8_prefill_path_matches_the_kernel(dequant_dtype):
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40)
-    kernel, dequant = Int8WeightOnlyLinear(linear), Int8WeightOnlyLinear(linear, dequant_from_rows=8)
+    kernel = Int8WeightOnlyLinear(linear)
+    dequant = Int8WeightOnlyLinear(linear, dequant_from_rows=8, dequant_dtype=dequant_dtype)
     few, many = torch.randn(1, 3, 96), torch.randn(2, 20, 96)
     torch.testing.assert_close(dequant(few), kernel(few))  # under the threshold: the same kernel
     out, ref = dequant(many), kernel(many)
@@ -129,7 +131,7 @@ def test_weight_only_int8_prefill_path_matches_the_kernel():
     assert ((out - ref).norm() / ref.norm()).item() < 0.01  # both bf16 with fp32 sums: not bit-equal
     # the casts share one buffer per thread: another layer in between must not leave stale weights
     other_linear = torch.nn.Linear(96, 40)
-    other = Int8WeightOnlyLinear(other_linear, dequant_from_rows=8)
+    other = Int8WeightOnlyLinear(other_linear, dequant_from_rows=8, dequant_dtype=dequant_dtype)
     other_out = other(many)
     assert ((other_out - Int8WeightOnlyLinear(other_linear)(many)).norm() / other_out.norm()).item() < 0.01
     torch.testing.assert_close(dequant(many), out)
