@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -273,14 +273,8 @@ class LlavaLite:
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        first = True
         try:
-            for chunk in streamer:
-                if first:
-                    chunk = chunk.lstrip()
-                    first = False
-                if chunk:
-                    yield chunk
+            yield from reply_chunks(streamer)
         finally:
             # Reached early when the consumer stops reading (a Stop button, a closed
             # connection): end generation at the next token instead of running to the end.
@@ -384,6 +378,16 @@ class LlavaLite:
 
     def caption_batch(self, images: Sequence[ImageInput], batch_size: int = 8, **gen) -> list[str]:
         return self.ask_batch(images, [CAPTION_PROMPT] * len(images), batch_size=batch_size, **gen)
+
+
+def reply_chunks(chunks: Iterable[str]) -> Iterator[str]:
+    """A streamer's text chunks as a reply: leading whitespace stripped, empty chunks dropped."""
+    first = True
+    for chunk in chunks:
+        if first:
+            chunk, first = chunk.lstrip(), False
+        if chunk:
+            yield chunk
 
 
 class _StopOnEvent(StoppingCriteria):

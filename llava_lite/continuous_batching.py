@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, TemperatureLogitsWarper, TextIteratorStreamer, TopPLogitsWarper
 
+from llava_lite.api import reply_chunks
 from llava_lite.llm import output_cache, with_cache
 
 log = logging.getLogger("llava_lite.batching")
@@ -49,28 +50,19 @@ class Generation:
         self._done = threading.Event()
 
     def __iter__(self) -> Iterator[str]:
-        first = True
-        for chunk in self.streamer:
-            if first:
-                chunk, first = chunk.lstrip(), False
-            if chunk:
-                yield chunk
+        yield from reply_chunks(self.streamer)
         self._done.wait()
         if self.error is not None:
             raise self.error
 
-    def close(self, wait: bool = True) -> None:
+    def close(self) -> None:
+        """Stop at the next token and wait until the generation has ended."""
         self._closed.set()
-        if wait:
-            self._done.wait()
+        self._done.wait()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the generation has ended by itself; False on `timeout`."""
         return self._done.wait(timeout)
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
 
     def _end(self, reason: str, error: BaseException | None = None) -> None:
         self.finish_reason, self.error = reason, error
@@ -214,8 +206,8 @@ class ContinuousBatcher:
         """Prefill one conversation, emit its first token and, unless done, add it to the batch."""
         lite = self.lite
         try:
-            if self._stop_reason(gen):
-                gen._end(self._stop_reason(gen))
+            if reason := self._stop_reason(gen):
+                gen._end(reason)
                 return
             ids, embeds, keys = lite._prepare(gen.messages, gen.images, gen.max_new_tokens)
             gen.prompt_ids, gen.image_keys = ids, keys

@@ -147,8 +147,6 @@ class ChatEngine:
                 if stats.first_token_s is None:
                     stats.first_token_s = time.perf_counter() - start
                 yield chunk
-        except UserFacingError:
-            raise
         except Exception as err:
             log.error("generation failed: %r", err)
             raise UserFacingError("Sorry, something went wrong while generating; the error was "

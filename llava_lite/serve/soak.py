@@ -199,11 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     lock = threading.Lock()
     start = time.time()
     stop = start + 60 * args.minutes
-    threads = [threading.Thread(target=_client, args=(i, url, items, stop, results, lock, args), daemon=True)
-               for i in range(args.clients)]
     first = scrape(url)
-    for th in threads:
-        th.start()
+    threads = _start_clients(args.clients, url, items, stop, results, lock, args)
     try:
         not_ready = _watch(proc, url, start, stop, results, memory)
         for th in threads:
@@ -227,17 +224,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if report["errors"] == 0 and report["metrics_vs_soak"]["agree"] else 1
 
 
+def _start_clients(n: int, url: str, items: list[dict], stop: float, results: list, lock: threading.Lock,
+                   args) -> list[threading.Thread]:
+    threads = [threading.Thread(target=_client, args=(i, url, items, stop, results, lock, args), daemon=True)
+               for i in range(n)]
+    for th in threads:
+        th.start()
+    return threads
+
+
 def _phase(url: str, items: list[dict], clients: int, args) -> dict:
     """`clients` clients for --minutes: aggregate completion tokens/s and latency."""
     results: list[dict] = []
     lock = threading.Lock()
     start = time.time()
     stop = start + 60 * args.minutes
-    threads = [threading.Thread(target=_client, args=(i, url, items, stop, results, lock, args), daemon=True)
-               for i in range(clients)]
-    for th in threads:
-        th.start()
-    for th in threads:
+    for th in _start_clients(clients, url, items, stop, results, lock, args):
         th.join(timeout=600)
     elapsed = time.time() - start
     ok = [r for r in results if not r["error"] and not r["rate_limited"]]
