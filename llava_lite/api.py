@@ -12,8 +12,10 @@ from transformers import StoppingCriteria
 
 from llava_lite.checkpoint import build_model, is_checkpoint, load_checkpoint, save_checkpoint
 from llava_lite.config import LlavaLiteConfig
-from llava_lite.image_cache import ImageEmbedCache, image_key
-from llava_lite.images import ImageInput, load_image
+from llava_lite.image_cache import ImageEmbedCache
+from llava_lite.image_views import ImageView, bridge_messages, image_views
+from llava_lite.images import ImageInput
+from llava_lite.label_bridge import ImageEvidence
 from llava_lite.llm import output_cache, with_cache
 from llava_lite.lora import is_peft
 from llava_lite.modeling import LlavaLiteModel
@@ -147,35 +149,26 @@ class LlavaLite:
     # -- images ----------------------------------------------------------------------
     def encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor | None:
         """Projected embeddings for `images`, each computed once and then served from cache."""
-        return self._encode_with_keys(images)[0]
+        views = self.image_views(images)
+        return torch.stack([v.embed for v in views]) if views else None
 
-    def _encode_with_keys(self, images: Sequence[ImageInput]) -> tuple[torch.Tensor | None, list[str]]:
-        if not images:
-            return None, []
-        pil = [load_image(img) for img in images]
-        keys = [image_key(img) for img in pil]
-        found = {i: self.image_cache.get(k) for i, k in enumerate(keys)}
-        missing = [i for i, emb in found.items() if emb is None]
-        if missing:
-            with torch.no_grad():
-                pixels = self.processor.image_preprocess([pil[i] for i in missing])
-                embeds = self.model.encode_images(pixels)
-            for row, i in enumerate(missing):
-                found[i] = embeds[row]
-                self.image_cache.put(keys[i], embeds[row])
-        return torch.stack([found[i] for i in range(len(pil))]), keys
+    def image_views(self, images: Sequence[ImageInput]) -> list[ImageView]:
+        """Each image through the tower once (then from cache): its projected embeddings, the
+        head's evidence and, with the label bridge on, the text that stands in for it when the
+        domain gate puts it outside the training images."""
+        return image_views(self.model, self.processor, self.image_cache, images)
 
-    @torch.no_grad()
+    def evidence(self, image: ImageInput) -> ImageEvidence | None:
+        """The tower head's top classes for `image` and whether the domain gate puts it outside
+        the training images (always False without a fitted gate); None for CLIP towers."""
+        return self.image_views([image])[0].evidence
+
     def describe_evidence(self, image: ImageInput, k: int = 5) -> list[tuple[str, float]] | None:
-        """What the tower's own classifier head sees in `image`: its top `k` classes with their
-        probabilities, e.g. [("Egyptian Mau", 0.76), ("tabby cat", 0.11), ...]; None for a
-        tower without a head (CLIP)."""
-        tower = self.model.vision_tower
-        if tower.class_names is None:
-            return None
-        pixels = self.processor.image_preprocess([load_image(image)]).to(tower.device)
-        top = tower.class_probs(tower(pixels))[0].topk(min(k, len(tower.class_names)))
-        return [(tower.class_names[i], round(float(p), 4)) for p, i in zip(top.values, top.indices, strict=True)]
+        """What the tower's own classifier head sees in `image`: its top `k` (at most 5)
+        classes with their probabilities, e.g. [("Egyptian Mau", 0.76), ("tabby cat", 0.11),
+        ...]; None for a tower without a head (CLIP)."""
+        found = self.evidence(image)
+        return None if found is None else found.classes[:k]
 
     # -- generation ------------------------------------------------------------------
     def _gen_kwargs(self, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
@@ -217,9 +210,10 @@ class LlavaLite:
     def _prepare(self, messages: Messages, images: Sequence[ImageInput] | None, max_new_tokens: int):
         messages, images = self._split_messages(messages, images)
         self.processor.check_image_count(messages, len(images))
+        messages, views = bridge_messages(messages, self.image_views(images), self.config.image_token)
         ids = self.processor.encode_prompt(messages, max_new_tokens=max_new_tokens)
-        embeds, keys = self._encode_with_keys(images)
-        return ids, embeds, keys
+        embeds = torch.stack([v.embed for v in views]) if views else None
+        return ids, embeds, [v.key for v in views]
 
     def chat(
         self,
@@ -306,13 +300,14 @@ class LlavaLite:
         answers: list[str] = []
         tok = self.processor.tokenizer
         for start in range(0, len(images), batch_size):
-            chunk_imgs = images[start:start + batch_size]
-            prompts = [
-                self.processor.encode_prompt([self.user_message(q)], max_new_tokens=kwargs["max_new_tokens"])
-                for q in questions[start:start + batch_size]
-            ]
+            prompts, kept = [], []
+            views = self.image_views(images[start:start + batch_size])
+            for view, q in zip(views, questions[start:start + batch_size], strict=True):
+                messages, seen = bridge_messages([self.user_message(q)], [view], self.config.image_token)
+                prompts.append(self.processor.encode_prompt(messages, max_new_tokens=kwargs["max_new_tokens"]))
+                kept += seen
             input_ids, mask = self.processor.pad(prompts, side="left")
-            embeds = self.encode_images(chunk_imgs)
+            embeds = torch.stack([v.embed for v in kept]) if kept else None
             out = self.model.generate(
                 input_ids.to(self.device), attention_mask=mask.to(self.device), image_embeds=embeds, **kwargs
             )
@@ -330,6 +325,8 @@ class LlavaLite:
         """
         if not questions:
             return []
+        if self.image_views([image])[0].bridge_text is not None:  # no shared image block to reuse
+            return self.ask_batch([image] * len(questions), questions, max_new_tokens=max_new_tokens)
         prompts = [self.processor.encode_prompt([self.user_message(q)], max_new_tokens=max_new_tokens)
                    for q in questions]
         shared = common_prefix_len(*prompts)

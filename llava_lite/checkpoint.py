@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from llava_lite.atomic import atomic_dir
 from llava_lite.config import ConfigError, LlavaLiteConfig
+from llava_lite.domain_gate import GATE_NAME, DomainGate
 from llava_lite.llm import llm_hidden_size, load_llm
 from llava_lite.lora import add_lora, is_peft, load_lora
 from llava_lite.modeling import LlavaLiteModel
@@ -66,8 +67,19 @@ def build_model(
             llm = add_lora(llm, config.lora)
     processor = LlavaLiteProcessor(config, tokenizer, tower.num_tokens, tower.preprocess)
     model = LlavaLiteModel(config, tower, projector, llm, processor.image_token_id)
+    if config.label_bridge.enabled:
+        model.domain_gate = _load_gate(config, tower, ckpt)
     model.eval()
     return model, processor
+
+
+def _load_gate(config: LlavaLiteConfig, tower, ckpt: Path | None) -> DomainGate:
+    if tower.class_names is None:
+        raise ConfigError(f"label_bridge.enabled needs a tower with a classifier head; {config.vision.name!r} has none")
+    if ckpt is None or not (ckpt / GATE_NAME).is_file():
+        raise ConfigError(f"{ckpt}: config has label_bridge.enabled but the folder has no {GATE_NAME} "
+                          "(a training stage with fit_domain_gate writes it)")
+    return DomainGate.load(ckpt / GATE_NAME)
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -99,11 +111,15 @@ def save_checkpoint(model: LlavaLiteModel, out_dir: str | Path, save_llm: bool =
     """
     out = Path(out_dir)
     config = model.config
+    if config.label_bridge.enabled and model.domain_gate is None:
+        raise ValueError("config has label_bridge.enabled but the model has no fitted domain gate")
     with atomic_dir(out) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.projector.state_dict().items()}
         save_file(state, str(tmp / PROJECTOR_NAME), metadata={"format": "pt"})
         if is_peft(model.llm):
             model.llm.save_pretrained(str(tmp / ADAPTER_DIR))
+        if model.domain_gate is not None:
+            model.domain_gate.save(tmp / GATE_NAME)
         if save_llm or config.llm_subfolder:
             if is_peft(model.llm):
                 raise ValueError("merge the LoRA adapter (merge_lora) before saving full LLM weights")

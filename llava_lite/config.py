@@ -64,6 +64,24 @@ class LoraConfig:
 
 
 @dataclass
+class LabelBridgeConfig:
+    """How images outside the training domain reach the LLM (`llava_lite.label_bridge`).
+
+    enabled: the checkpoint holds a fitted domain gate (`domain_gate.safetensors`); an image
+        the gate puts outside the images the model was trained on is shown to the LLM as the
+        tower head's top classes in words, not as projected patch tokens.
+    confident: the head's top-1 probability from which the evidence says "confident".
+    candidate_floor: classes below this probability are not offered as guesses.
+    max_candidates: at most this many guesses.
+    """
+
+    enabled: bool = False
+    confident: float = 0.75
+    candidate_floor: float = 0.2
+    max_candidates: int = 3
+
+
+@dataclass
 class LlavaLiteConfig:
     """Everything needed to rebuild a llava-lite model.
 
@@ -81,6 +99,7 @@ class LlavaLiteConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    label_bridge: LabelBridgeConfig = field(default_factory=LabelBridgeConfig)
     image_token: str = "<image>"
     max_length: int = 2048
     system_prompt: str | None = None
@@ -120,6 +139,10 @@ class LlavaLiteConfig:
             raise ConfigError(f"lora needs r > 0, alpha > 0, 0 <= dropout < 1; got {lora}")
         if lora.enabled and not lora.target_modules:
             raise ConfigError("lora.enabled is set but lora.target_modules is empty")
+        bridge = self.label_bridge
+        if not 0 < bridge.candidate_floor <= bridge.confident <= 1 or bridge.max_candidates < 1:
+            raise ConfigError(f"label_bridge needs 0 < candidate_floor <= confident <= 1 and max_candidates >= 1; "
+                              f"got {bridge}")
         if self.format_version > CONFIG_FORMAT_VERSION:
             raise ConfigError(
                 f"config format_version {self.format_version} is newer than this llava-lite "
@@ -135,7 +158,8 @@ class LlavaLiteConfig:
         """Build from a dict, rejecting unknown keys with the file they came from."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
-        nested = {"vision": VisionConfig, "projector": ProjectorConfig, "llm": LLMConfig, "lora": LoraConfig}
+        nested = {"vision": VisionConfig, "projector": ProjectorConfig, "llm": LLMConfig, "lora": LoraConfig,
+                  "label_bridge": LabelBridgeConfig}
         kwargs: dict[str, Any] = {}
         known = {f.name for f in fields(cls)}
         for key, value in data.items():

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llava_lite.config import LlavaLiteConfig
+from llava_lite.domain_gate import DomainGate
+from llava_lite.label_bridge import ImageEvidence
 from llava_lite.llm import output_cache
 from llava_lite.prompting import IGNORE_INDEX
 from llava_lite.vision.base import VisionTower
@@ -49,6 +51,8 @@ class LlavaLiteModel(nn.Module):
         self.projector = projector
         self.llm = llm
         self.image_token_id = image_token_id
+        # Fitted by a training stage when `config.label_bridge` is on (llava_lite.label_bridge).
+        self.domain_gate: DomainGate | None = None
 
     @property
     def device(self) -> torch.device:
@@ -71,6 +75,21 @@ class LlavaLiteModel(nn.Module):
                 raise ValueError("give pixel_values or vision_features")
             vision_features = self.vision_tower(pixel_values.to(self.vision_tower.device))
         return self.projector(vision_features.to(self.device, self.dtype))
+
+    @torch.no_grad()
+    def image_evidence(self, vision_features: torch.Tensor, k: int = 5) -> list[ImageEvidence] | None:
+        """Per image: the tower head's top `k` classes and, with a domain gate, whether the
+        image lies outside the training images. None for a tower without a head (CLIP)."""
+        tower = self.vision_tower
+        if tower.class_names is None:
+            return None
+        top = tower.class_probs(vision_features).topk(min(k, len(tower.class_names)))
+        gate = self.domain_gate
+        scores = gate.scores(vision_features).tolist() if gate is not None else [0.0] * len(top.values)
+        threshold = gate.threshold if gate is not None else float("inf")
+        return [ImageEvidence([(tower.class_names[i], round(float(p), 4)) for p, i in zip(ps, ids, strict=True)],
+                              outside=score > threshold, score=round(score, 3), threshold=round(threshold, 3))
+                for ps, ids, score in zip(top.values, top.indices, scores, strict=True)]
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with image features scattered into the placeholder positions."""

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llava_lite.data import easyvqa, general_replay, scenes
+from llava_lite.data import easyvqa, general_replay, photo_evidence, scenes
 from llava_lite.llava_data import write_rows
 
 # Bumped whenever a builder's output changes, so files built by older code are not reused.
@@ -48,6 +48,7 @@ TRAIN_SETS: dict[str, TrainBuilder] = {
     "scenes-dialogues": lambda root, n=1000, seed=0, **kw: scenes.to_dialogues(
         generated_scenes(root, "train", n, seed), easyvqa.CAPTION_PROMPTS, **kw),
     "general-replay": lambda root, repeat=1: _repeated(general_replay.load_replay(), repeat),
+    "photo-evidence": lambda root, n=3000, seed=0: photo_evidence.build(n, seed=seed),
 }
 
 # Sets copied from a committed file rather than generated: cheap, and rebuilt on every use so

@@ -8,8 +8,12 @@ from pathlib import Path
 from llava_lite.api import CAPTION_PROMPT
 from llava_lite.serve.engine import ChatEngine, ChatRequest, GenerationStats, UserFacingError
 from llava_lite.serve.examples import chat_examples
-from llava_lite.serve.gradio_history import ERROR_MARK, history_to_request
+from llava_lite.serve.gradio_history import ERROR_MARK, EVIDENCE_MARK, history_to_request
 
+# What the default model can and cannot see, said plainly on the page.
+CAN_SEE = (" · The default model was trained on drawn shapes: it counts, locates and names their colours. For a "
+           "real photo it gets only its vision tower's ImageNet guesses: it names what they are sure of and "
+           "says when it can't tell.")
 SHUTDOWN_NOTE = "The server is shutting down; this reply was cut short."
 EMPTY_MESSAGE = "Please type a message (and upload an image to ask about it)."
 
@@ -44,8 +48,25 @@ def make_chat_fn(engine: ChatEngine):
             return
         if not reply:
             yield "(the model returned an empty reply)"
+        elif note := evidence_note(engine, files):
+            yield reply + EVIDENCE_MARK + note
 
     return respond
+
+
+def evidence_note(engine: ChatEngine, files: list[str]) -> str:
+    """For the photos among `files` that the model saw only through the label bridge, what
+    the tower's classifier said (shown under the reply, never sent back to the model)."""
+    try:
+        views = engine.lite.image_views(files)
+    except Exception:  # noqa: BLE001 - the reply already succeeded; the note is a nicety
+        return ""
+    notes = [", ".join(f"{name} {p:.0%}" for name, p in v.evidence.classes[:3])
+             for v in views if v.bridge_text is not None]
+    if not notes:
+        return ""
+    return ("The image classifier's top guesses: " + " · ".join(notes) + ". This photo is unlike the drawn "
+            "shapes the model was trained on, so the model sees only these guesses, not the photo itself.")
 
 
 def build_app(engine: ChatEngine, cache_dir: Path):
@@ -77,7 +98,7 @@ def build_app(engine: ChatEngine, cache_dir: Path):
         cache_examples=False,
         run_examples_on_click=True,
         title="llava-lite",
-        description=f"Chat about images · {engine.describe()}",
+        description=f"Chat about images · {engine.describe()}" + CAN_SEE,
         api_name="chat",
         concurrency_limit=limits.concurrency,
         fill_height=True,

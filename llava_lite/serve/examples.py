@@ -1,4 +1,4 @@
-"""Example images with questions for the chat page: a photo shipped inside matplotlib's
+"""Example images with questions for the chat page: photos shipped inside scikit-image's
 wheel and samples from the project's data (easy-VQA test images, a generated scene)."""
 
 from __future__ import annotations
@@ -11,10 +11,14 @@ log = logging.getLogger("llava_lite.serve")
 
 
 def _photo() -> list[dict]:
-    import matplotlib
-
-    path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-    return [{"text": "Describe the image in one sentence.", "files": [str(path)]}] if path.is_file() else []
+    """Real photos the default model handles (through the label bridge): a cat, a coffee cup."""
+    try:
+        import skimage
+    except ImportError:  # scikit-image comes with the test extras (`make demo` installs them)
+        return []
+    folder = Path(skimage.__file__).parent / "data"
+    asks = [("chelsea.png", "what is in this picture?"), ("coffee.png", "what's this?")]
+    return [{"text": text, "files": [str(folder / name)]} for name, text in asks if (folder / name).is_file()]
 
 
 def _easyvqa() -> list[dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 ERROR_MARK = "⚠️ "  # replies starting with this are error notices, not model output
+EVIDENCE_MARK = "\n\n🔎 "  # the page's note of what the tower saw; the model never wrote it
 
 
 def _parts(content: Any) -> tuple[list[str], list[str]]:
@@ -47,7 +48,7 @@ def history_to_request(history: list[dict], text: str, files: list[str], image_t
             texts.extend(x for x in t if x.strip())
             pending.extend(f)
         else:
-            reply = "\n".join(t)
+            reply = "\n".join(t).split(EVIDENCE_MARK)[0]
             if texts or pending:
                 turns.append(("\n".join(texts), list(pending), reply))
                 texts, pending = [], []

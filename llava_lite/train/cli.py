@@ -27,6 +27,14 @@ def cmd_train(args) -> int:
     if getattr(recipe, "kind", "llava") == "clip":
         from llava_lite.train.clip_train import run_clip_recipe
 
+        ignored = [flag for flag, used in (("--resume", args.resume), ("--stage", args.stage != "all"),
+                                           ("--init", args.init), ("--skip-bad", args.skip_bad),
+                                           ("--publish", args.publish)) if used]
+        if ignored:  # the dual-encoder trainer has one stage and none of these
+            print(f"llava-lite train: error: {', '.join(ignored)} do(es) not apply to the CLIP recipe "
+                  f"{recipe.name!r}", file=sys.stderr)
+            return 2
+
         output = Path(args.output or f"runs/{recipe.name}")
         summary = run_clip_recipe(recipe, output, recipe_source(args.recipe), progress=not args.no_progress)
         print(json.dumps(summary, indent=2))
@@ -38,7 +46,7 @@ def cmd_train(args) -> int:
     output = Path(args.output or f"runs/{recipe.name}")
     try:
         summary = run_recipe(recipe, stages, output, resume=args.resume, recipe_file=recipe_source(args.recipe),
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, init_from=args.init)
     except TrainingDivergedError as err:
         print(f"llava-lite train: error: {err}", file=sys.stderr)
         return 1
@@ -57,15 +65,20 @@ def cmd_train(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from llava_lite.train.recipe import STAGES
+
     p = sub.add_parser(
-        "train", help="run a training recipe (align -> adapter -> instruct)",
+        "train", help="run a training recipe (align -> adapter -> instruct -> bridge)",
         description="Run a recipe's stages. Each stage starts from the previous stage's output folder "
                     "(OUTPUT/1-align/model, ...). Overrides are key=value on the recipe, e.g. "
                     "adapter.max_steps=50 model.llm.model_id=/path/to/llm.",
     )
     p.add_argument("--recipe", help="recipe name (see --list)")
-    p.add_argument("--stage", default="all", choices=["align", "adapter", "instruct", "all"],
+    p.add_argument("--stage", default="all", choices=[*STAGES, "all"],
                    help="which stage to run (default: all, chained)")
+    p.add_argument("--init", type=Path, metavar="MODEL_DIR",
+                   help="start the first stage run from this llava-lite checkpoint instead of the previous "
+                        "stage's output (e.g. --stage bridge --init llava_lite/assets/demo-model)")
     p.add_argument("--output", help="run folder (default: runs/RECIPE)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint (model, optimizer, scheduler, RNG, data position)")

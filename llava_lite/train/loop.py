@@ -102,6 +102,7 @@ def build_stage_model(recipe: TrainRecipe, stage: StageConfig, init_from: Path |
     if init_from is None:
         config = LlavaLiteConfig.from_dict(recipe.model.to_dict())
         config.lora.enabled = False
+        config.label_bridge.enabled = False  # a stage with fit_domain_gate turns it on
         model, processor = build_model(config, seed=recipe.seed)
     else:
         model, processor = load_checkpoint(init_from, trainable_lora=stage.lora)
@@ -237,11 +238,27 @@ def _finish(run: StageRun, result: dict[str, Any], progress: bool) -> None:
     from llava_lite.train.plots import plot_loss
 
     run.unwrapped.model.eval()
+    if run.stage.fit_domain_gate:
+        _fit_domain_gate(run)
     save_checkpoint(run.unwrapped.model, run.out / MODEL_DIR)
     plot_loss(run.out / METRICS, run.out / "loss.png", title=f"{run.recipe.name}: {run.name}")
     t_eval = time.perf_counter()
     result["eval"] = run_stage_eval(run.unwrapped.model, run.processor, run.stage.eval, run.out, progress=progress)
     result["eval_seconds"] = round(time.perf_counter() - t_eval, 2)
+
+
+def _fit_domain_gate(run: StageRun) -> None:
+    """The label bridge's gate, fitted on the pooled cached features of every training image."""
+    from llava_lite.domain_gate import DomainGate, pooled
+
+    images = sorted({p for r in run.data.rows for p in r.images})
+    if not images:
+        raise ConfigError(f"{run.name}: fit_domain_gate needs image rows in the stage's data")
+    feats = torch.cat([pooled(run.cache.get_many(images[i:i + 256])) for i in range(0, len(images), 256)])
+    model = run.unwrapped.model
+    model.domain_gate = DomainGate.fit(feats)
+    model.config.label_bridge = LlavaLiteConfig.from_dict(run.recipe.model.to_dict()).label_bridge
+    print(f"[{run.name}] domain gate fitted on {len(images)} images (threshold {model.domain_gate.threshold:.2f})")
 
 
 def train_stage(
@@ -260,9 +277,10 @@ def train_stage(
     run.module, run.optimizer = run.accelerator.prepare(run.module, run.optimizer)
     run.unwrapped = run.accelerator.unwrap_model(run.module)
     t_train = time.perf_counter()
-    last_loss = train_loop(run, start, progress)
+    last_loss = train_loop(run, start, progress)  # NaN when no step ran (resumed at the end)
     result: dict[str, Any] = {"stage": stage_name, "steps": run.total, "resumed_from": start,
-                              "final_loss": last_loss, "train_seconds": round(time.perf_counter() - t_train, 2),
+                              "final_loss": None if math.isnan(last_loss) else last_loss,
+                              "train_seconds": round(time.perf_counter() - t_train, 2),
                               "feature_cache_seconds": round(run.cache_seconds, 2), "rows": run.data.num_rows,
                               "packs": len(run.data.rows), "skipped_rows": len(run.data.problems),
                               "mixed_precision": str(run.accelerator.mixed_precision)}

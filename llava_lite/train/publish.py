@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from llava_lite.atomic import atomic_dir
 from llava_lite.checkpoint import ADAPTER_DIR, CONFIG_NAME, PROJECTOR_NAME, is_checkpoint
+from llava_lite.domain_gate import GATE_NAME
 
 
 def _half(src: Path, dst: Path) -> None:
@@ -30,6 +31,8 @@ def publish(model_dir: str | Path, out_dir: str | Path) -> Path:
         tmp.chmod(0o755)  # mkdtemp makes it private; a published model is read by everyone
         shutil.copyfile(src / CONFIG_NAME, tmp / CONFIG_NAME)
         _half(src / PROJECTOR_NAME, tmp / PROJECTOR_NAME)
+        if (src / GATE_NAME).is_file():  # small, and its threshold is exact in fp32
+            shutil.copyfile(src / GATE_NAME, tmp / GATE_NAME)
         if (src / ADAPTER_DIR).is_dir():
             (tmp / ADAPTER_DIR).mkdir()
             for f in (src / ADAPTER_DIR).iterdir():

@@ -8,7 +8,7 @@ from typing import Any
 
 from llava_lite.config import ConfigError, LlavaLiteConfig
 
-STAGES = ("align", "adapter", "instruct")
+STAGES = ("align", "adapter", "instruct", "bridge")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -41,6 +41,10 @@ class StageConfig:
     `distill_text` trains text-only rows towards the base LLM's next-token distribution (KL
     to the same LLM with the LoRA adapter disabled) instead of their answer text; it needs `lora`.
 
+    `fit_domain_gate` fits the label bridge's domain gate (`llava_lite.domain_gate`) on the
+    tower features of every image the stage trains on and turns `model.label_bridge` on in
+    the saved model; it needs cached features and `model.label_bridge.enabled` in the recipe.
+
     `pack_shared_prefix` packs rows about the same image (up to `max_pack`) into one sequence
     that holds their shared prefix once (see `llava_lite.train.packing`); batch sizes then count packs.
     """
@@ -62,6 +66,7 @@ class StageConfig:
     pack_shared_prefix: bool = False
     max_pack: int = 16
     distill_text: bool = False
+    fit_domain_gate: bool = False
     eval: list[EvalSpec] = field(default_factory=list)
     enabled: bool = True
 
@@ -73,6 +78,8 @@ class TrainRecipe:
     align: StageConfig = field(default_factory=StageConfig)
     adapter: StageConfig = field(default_factory=lambda: StageConfig(lora=True))
     instruct: StageConfig = field(default_factory=lambda: StageConfig(lora=True))
+    # The label bridge's stage (llava_lite.label_bridge); off unless a recipe fills it in.
+    bridge: StageConfig = field(default_factory=lambda: StageConfig(lora=True, enabled=False))
     precision: str = "auto"  # bf16 where the hardware runs it natively, else fp32 (train/precision.py)
     seed: int = 0
     cache_features: bool = True
@@ -96,26 +103,30 @@ class TrainRecipe:
         if self.save_every <= 0 or self.keep_last <= 0:
             raise ConfigError("save_every and keep_last must be positive")
         for name in STAGES:
-            st = self.stage(name)
-            if st.batch_size <= 0 or st.micro_batch_size <= 0 or st.batch_size % st.micro_batch_size:
-                raise ConfigError(
-                    f"{name}: batch_size={st.batch_size} must be a positive multiple of "
-                    f"micro_batch_size={st.micro_batch_size}"
-                )
-            if st.enabled and not st.data:
-                raise ConfigError(f"{name}: no data sources")
-            if not st.train_projector and not st.lora:
-                raise ConfigError(f"{name}: nothing to train (train_projector and lora are both off)")
-            if st.lr <= 0 or st.projector_lr <= 0 or not 0 <= st.warmup_ratio < 1:
-                raise ConfigError(f"{name}: learning rates must be > 0 and 0 <= warmup_ratio < 1")
-            if st.distill_text and not st.lora:
-                raise ConfigError(f"{name}: distill_text needs lora (the base model is the LLM without its adapter)")
-            if st.max_steps is None and st.epochs <= 0:
-                raise ConfigError(f"{name}: give epochs > 0 or max_steps")
-            for spec in st.data:
-                if (spec.name is None) == (spec.path is None):
-                    raise ConfigError(f"{name}: each data source needs exactly one of name or path; got {spec}")
+            self._validate_stage(name, self.stage(name))
         return self
+
+    def _validate_stage(self, name: str, st: StageConfig) -> None:
+        if st.batch_size <= 0 or st.micro_batch_size <= 0 or st.batch_size % st.micro_batch_size:
+            raise ConfigError(
+                f"{name}: batch_size={st.batch_size} must be a positive multiple of "
+                f"micro_batch_size={st.micro_batch_size}"
+            )
+        if st.enabled and not st.data:
+            raise ConfigError(f"{name}: no data sources")
+        if not st.train_projector and not st.lora:
+            raise ConfigError(f"{name}: nothing to train (train_projector and lora are both off)")
+        if st.lr <= 0 or st.projector_lr <= 0 or not 0 <= st.warmup_ratio < 1:
+            raise ConfigError(f"{name}: learning rates must be > 0 and 0 <= warmup_ratio < 1")
+        if st.distill_text and not st.lora:
+            raise ConfigError(f"{name}: distill_text needs lora (the base model is the LLM without its adapter)")
+        if st.fit_domain_gate and not (self.model.label_bridge.enabled and self.cache_features):
+            raise ConfigError(f"{name}: fit_domain_gate needs model.label_bridge.enabled and cache_features")
+        if st.max_steps is None and st.epochs <= 0:
+            raise ConfigError(f"{name}: give epochs > 0 or max_steps")
+        for spec in st.data:
+            if (spec.name is None) == (spec.path is None):
+                raise ConfigError(f"{name}: each data source needs exactly one of name or path; got {spec}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,7 +146,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} for {cls.__name__}; known: {sorted(known)}")
     kwargs: dict[str, Any] = {}
-    nested = {"model": LlavaLiteConfig, "align": StageConfig, "adapter": StageConfig, "instruct": StageConfig}
+    nested = {"model": LlavaLiteConfig, **dict.fromkeys(STAGES, StageConfig)}
     for key, value in data.items():
         if cls is TrainRecipe and key in nested:
             kwargs[key] = _build(nested[key], value, f"{where}.{key}")

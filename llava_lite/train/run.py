@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llava_lite.checkpoint import is_checkpoint
 from llava_lite.config import ConfigError
 from llava_lite.train.loop import MODEL_DIR, STAGE_DONE, train_stage
 from llava_lite.train.recipe import STAGES, TrainRecipe
@@ -31,19 +32,25 @@ def run_recipe(
     resume: bool = False,
     recipe_file: Path | None = None,
     progress: bool = True,
+    init_from: Path | None = None,
 ) -> dict[str, Any]:
     """Run `stages` (in pipeline order) into `output`; returns each stage's summary.
+
+    `init_from`: a model folder the first stage run starts from, in place of the previous
+    stage's output (e.g. continue a published model with one more stage).
 
     A completed stage is skipped on --resume; a stage whose predecessor has not finished is
     an error, since it starts from that stage's model.
     """
     output = Path(output)
+    if init_from is not None and not is_checkpoint(init_from):
+        raise ConfigError(f"{init_from}: --init needs a llava-lite checkpoint folder (config.json + projector)")
     output.mkdir(parents=True, exist_ok=True)
     (output / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     if recipe_file is not None:
         shutil.copyfile(recipe_file, output / f"recipe-{recipe.name}.py")
     summary: dict[str, Any] = {}
-    previous: Path | None = None
+    previous: Path | None = Path(init_from) if init_from is not None else None
     t0 = time.perf_counter()
     for name in STAGES:
         stage = recipe.stage(name)
@@ -52,7 +59,7 @@ def run_recipe(
             continue
         done = (folder / STAGE_DONE).is_file()
         if name not in stages:
-            if done:
+            if done and init_from is None:
                 previous = folder / MODEL_DIR
             continue
         if done and not resume:

@@ -1,10 +1,12 @@
 """The offline default model: EfficientNet-Lite0 (ImageNet) + SmolLM2-135M-Instruct, on CPU.
 
-Trained on easy-VQA and the procedural scene generator in three stages, within 30 minutes
-on 2 CPU cores. Reproduce with `llava-lite train --recipe demo --stage all`.
+Trained on easy-VQA and the procedural scene generator in three stages, then a short fourth
+stage teaches it to read the tower head's guesses for real photos (the label bridge).
+Reproduce with `llava-lite train --recipe demo --stage all`; add only the last stage to a
+trained model with `--stage bridge --init MODEL_DIR`.
 """
 
-from llava_lite.config import LlavaLiteConfig, LoraConfig, ProjectorConfig, VisionConfig
+from llava_lite.config import LabelBridgeConfig, LlavaLiteConfig, LoraConfig, ProjectorConfig, VisionConfig
 from llava_lite.train.recipe import DataSpec, EvalSpec, StageConfig, TrainRecipe
 
 SCENES = {"n": 600}
@@ -22,12 +24,15 @@ def recipe() -> TrainRecipe:
         model=LlavaLiteConfig(vision=VisionConfig(name="efficientnet-lite0", feature_strategy="cls_patch",
                                                   concat_blocks=[5]),
                               projector=ProjectorConfig(name="ln_mlp2x_gelu"),
-                              lora=LoraConfig(r=16, alpha=32, dropout=0.0), max_length=1024),
+                              lora=LoraConfig(r=16, alpha=32, dropout=0.0), max_length=1024,
+                              # photos reach the LLM as the tower head's guesses (the bridge stage)
+                              label_bridge=LabelBridgeConfig(enabled=True)),
         # bf16 where the CPU runs it natively (AMX, AVX512-BF16), fp32 where bf16 would be emulated
         precision="auto",
         align=align(),
         adapter=adapter(),
         instruct=instruct(),
+        bridge=bridge(),
         save_every=25,
         keep_last=2,
     )
@@ -89,4 +94,24 @@ def instruct() -> StageConfig:
         # small stage-end checks: the full evaluation is `llava-lite eval`
         eval=[EvalSpec(name="easyvqa-test", args={"limit": 100}, batch_size=32),
               EvalSpec(name="scenes-test", args={"n": 20, "limit": 100}, batch_size=32)],
+    )
+
+
+def bridge() -> StageConfig:
+    return StageConfig(
+        # The label bridge: text-only rows in which a photo is the tower head's guesses
+        # (sampled distributions, no photos), answered by naming what the head is sure of and
+        # saying "I can't tell" otherwise; replayed shape rows keep the shape skills. The
+        # projector stays frozen. The shape sources are whole (not limited) so that the domain
+        # gate, fitted on every image of the stage, covers all training images.
+        data=[DataSpec(name="photo-evidence", args={"n": 6000}),
+              DataSpec(name="easyvqa-vqa", args={"seed": 2, **PLAIN}),
+              DataSpec(name="easyvqa-presence", args={"seed": 2, **PLAIN, "pairs": True}),
+              DataSpec(name="scenes-vqa", args={**SCENES_VQA, **PLAIN, "presence": 2}),
+              DataSpec(name="scenes-captions", args=SCENES_VQA),
+              DataSpec(name="general-replay", args={"repeat": 2})],
+        train_projector=False, lora=True, pack_shared_prefix=True, max_pack=24, fit_domain_gate=True,
+        max_steps=80, batch_size=8, micro_batch_size=8,
+        lr=5e-4, warmup_ratio=0.05,
+        eval=[EvalSpec(name="easyvqa-test", args={"limit": 100}, batch_size=32)],
     )
