@@ -41,19 +41,22 @@ def candidates(classes: Sequence[tuple[str, float]], config: LabelBridgeConfig) 
     return [c for c in ranked if c[1] >= config.candidate_floor][: config.max_candidates]
 
 
-def is_confident(classes: Sequence[tuple[str, float]], config: LabelBridgeConfig) -> bool:
-    return bool(classes) and max(p for _, p in classes) >= config.confident
+def verdict(classes: Sequence[tuple[str, float]], config: LabelBridgeConfig) -> tuple[str, list[tuple[str, float]]]:
+    """The rule: ("sure", [top class]) from `confident` on, else ("unsure", guesses) when a
+    guess clears `candidate_floor`, else ("lost", [])."""
+    offered = candidates(classes, config)
+    if offered and offered[0][1] >= config.confident:
+        return "sure", offered[:1]
+    return ("unsure", offered) if offered else ("lost", [])
 
 
 def evidence_text(classes: Sequence[tuple[str, float]], config: LabelBridgeConfig) -> str:
     """The text that stands in for a photo, e.g.
     "[a photo; the image classifier is sure it shows: tripod (95%)]"."""
-    offered = candidates(classes, config)
-    if is_confident(classes, config):
-        return f"[a photo; the image classifier is sure it shows: {_listed(offered[:1])}]"
-    if offered:
-        return f"[a photo; the image classifier is unsure; its best guesses: {_listed(offered)}]"
-    return "[a photo; the image classifier does not recognise it]"
+    kind, offered = verdict(classes, config)
+    return {"sure": f"[a photo; the image classifier is sure it shows: {_listed(offered)}]",
+            "unsure": f"[a photo; the image classifier is unsure; its best guesses: {_listed(offered)}]",
+            "lost": "[a photo; the image classifier does not recognise it]"}[kind]
 
 
 def _listed(classes: Sequence[tuple[str, float]]) -> str:

@@ -39,6 +39,9 @@ def test_the_wheel_installs_llava_lite_and_no_other_top_level_package(installed)
     sources |= {Path("general_chat") / p.name for p in (REPO / "data" / "general_chat").iterdir() if p.is_file()}
     missing = [str(p) for p in sources if not (package / p).is_file()]
     assert not missing
+    # every file of the default model ships, its domain gate included
+    demo = [f.relative_to(REPO / "llava_lite") for f in (REPO / "llava_lite" / "assets" / "demo-model").rglob("*")]
+    assert [str(f) for f in demo if (REPO / "llava_lite" / f).is_file() and not (package / f).is_file()] == []
     assert (package / "assets" / "demo-model" / "projector.safetensors").is_file()
     assert len((package / "assets" / "imagenet_classes.txt").read_text().splitlines()) == 1000
 

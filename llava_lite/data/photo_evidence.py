@@ -15,7 +15,7 @@ from typing import Any
 
 from llava_lite.config import LabelBridgeConfig
 from llava_lite.data.surface import typed
-from llava_lite.label_bridge import candidates, evidence_text, indefinite, is_confident
+from llava_lite.label_bridge import evidence_text, indefinite, verdict
 from llava_lite.vision.efficientnet import imagenet_class_names
 
 WHAT = ["what is in this picture?", "what is this?", "what's in the image?", "what do you see?",
@@ -48,17 +48,17 @@ def _guesses(offered: list[tuple[str, float]]) -> str:
 
 
 def describe(classes: list[tuple[str, float]], config: LabelBridgeConfig) -> str:
-    offered = candidates(classes, config)
-    if is_confident(classes, config):
+    kind, offered = verdict(classes, config)
+    if kind == "sure":
         return f"This looks like a photo of {indefinite(offered[0][0])}."
-    if offered:
+    if kind == "unsure":
         return f"I can't tell what this is for sure. It might be {_guesses(offered)}."
     return "I can't tell what this is. It looks like a photo, and I can only recognise some objects in photos."
 
 
 def yes_no(x: str, classes: list[tuple[str, float]], config: LabelBridgeConfig) -> str:
-    offered = candidates(classes, config)
-    if is_confident(classes, config):
+    kind, offered = verdict(classes, config)
+    if kind == "sure":
         top = indefinite(offered[0][0])
         return f"Yes, it looks like {top}." if x == offered[0][0] else f"No, it looks like {top}."
     if x in {n for n, _ in offered}:
@@ -68,9 +68,8 @@ def yes_no(x: str, classes: list[tuple[str, float]], config: LabelBridgeConfig) 
 
 def detail(classes: list[tuple[str, float]], config: LabelBridgeConfig) -> str:
     answer = "I can't tell that from a photo: I only get a guess of what it shows, not its details."
-    if is_confident(classes, config):
-        answer += f" It looks like {indefinite(candidates(classes, config)[0][0])}."
-    return answer
+    kind, offered = verdict(classes, config)
+    return answer + (f" It looks like {indefinite(offered[0][0])}." if kind == "sure" else "")
 
 
 def _turn(classes: list[tuple[str, float]], names: list[str], rng: random.Random,
