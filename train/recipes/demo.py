@@ -109,9 +109,9 @@ def bridge() -> StageConfig:
               DataSpec(name="easyvqa-presence", args={"seed": 2, **PLAIN, "pairs": True}),
               DataSpec(name="scenes-vqa", args={**SCENES_VQA, **PLAIN, "presence": 2}),
               DataSpec(name="scenes-captions", args=SCENES_VQA),
-              DataSpec(name="general-replay", args={"repeat": 2})],
+              DataSpec(name="general-replay", args={"repeat": 12})],
         train_projector=False, lora=True, pack_shared_prefix=True, max_pack=24, fit_domain_gate=True,
-        max_steps=80, batch_size=8, micro_batch_size=8,
+        max_steps=100, batch_size=8, micro_batch_size=8,
         lr=5e-4, warmup_ratio=0.05,
         eval=[EvalSpec(name="easyvqa-test", args={"limit": 100}, batch_size=32)],
     )
