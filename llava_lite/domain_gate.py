@@ -47,7 +47,7 @@ class DomainGate:
         mean = x.mean(0)
         _, _, v = torch.linalg.svd(x - mean, full_matrices=False)
         gate = cls(mean, v[:dims], 0.0)
-        gate.threshold = margin * float(gate.scores(features).max())
+        gate.threshold = margin * float(gate.scores(x).max())
         return gate
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:

@@ -23,13 +23,13 @@ class ImageView:
     key: str
     embed: torch.Tensor
     evidence: ImageEvidence | None = None
-    bridge: LabelBridgeConfig | None = None
+    bridge_text: str | None = None
 
-    @property
-    def bridge_text(self) -> str | None:
-        if self.evidence is None or not self.evidence.outside or self.bridge is None:
-            return None
-        return evidence_text(self.evidence.classes, self.bridge)
+
+def _bridge_text(evidence: ImageEvidence | None, bridge: LabelBridgeConfig) -> str | None:
+    if not bridge.enabled or evidence is None or not evidence.outside:
+        return None
+    return evidence_text(evidence.classes, bridge)
 
 
 def image_views(model, processor, cache: ImageEmbedCache, images: Sequence[ImageInput]) -> list[ImageView]:
@@ -46,8 +46,8 @@ def image_views(model, processor, cache: ImageEmbedCache, images: Sequence[Image
             embeds = model.encode_images(vision_features=feats)
             evidence = model.image_evidence(feats)  # None for a tower without a head
         for row, i in enumerate(missing):
-            found[i] = ImageView(keys[i], embeds[row], evidence[row] if evidence else None,
-                                 bridge if bridge.enabled else None)
+            seen = evidence[row] if evidence else None
+            found[i] = ImageView(keys[i], embeds[row], seen, _bridge_text(seen, bridge))
             cache.put(keys[i], found[i])
     return [found[i] for i in range(len(pil))]
 
@@ -59,4 +59,4 @@ def bridge_messages(messages: Sequence[dict[str, Any]], views: list[ImageView],
     texts = [v.bridge_text for v in views]
     if any(t is not None for t in texts):
         messages = bridged_messages(messages, texts, image_token)
-    return list(messages), [v for v in views if v.bridge_text is None]
+    return list(messages), [v for v, t in zip(views, texts, strict=True) if t is None]
