@@ -213,7 +213,8 @@ def _encoded_rows(lite, image_path, questions, image_first=True):
     return rows
 
 
-def test_prefix_shared_packing_gives_the_separate_rows_losses(tiny_lite, images, tmp_path):
+@pytest.mark.parametrize("attention", ["prefix", "mask"])
+def test_prefix_shared_packing_gives_the_separate_rows_losses(tiny_lite, images, tmp_path, attention):
     from llava_lite.train.packing import pack_rows, single
 
     lite = tiny_lite(lora=True, seed=1)
@@ -229,7 +230,7 @@ def test_prefix_shared_packing_gives_the_separate_rows_losses(tiny_lite, images,
     module = loop.TrainModule(lite.model, contrastive=False)
     tower = lite.model.vision_tower
     with torch.no_grad():
-        packed, _ = module(**stepping.collate(packs, lite.processor, None, tower, packed=True))
+        packed, _ = module(**stepping.collate(packs, lite.processor, None, tower, packed=True, attention=attention))
         separate = sum(module(**stepping.collate([single(r)], lite.processor, None, tower, packed=False))[0]
                        for r in rows)
     assert packed.item() == pytest.approx(separate.item(), rel=1e-5)
@@ -239,7 +240,8 @@ def test_prefix_shared_packing_gives_the_separate_rows_losses(tiny_lite, images,
 
     def loss(items, packed):
         with torch.no_grad():
-            return module(**stepping.collate(items, lite.processor, None, tower, packed=packed))[0].item()
+            return module(**stepping.collate(items, lite.processor, None, tower, packed=packed,
+                                             attention=attention))[0].item()
 
     changed = loss(pack_rows(other, lite.processor.image_token_id, 16, 256), True)
     delta = loss([single(other[0])], False) - loss([single(rows[0])], False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from llava_lite.train.batching import BatchSchedule
 from llava_lite.train.distill import token_losses
 from llava_lite.train.packing import pack_rows, single
 from llava_lite.train.precision import resolve_precision
+from llava_lite.train.prefix_attention import prefix_attention
 from llava_lite.train.recipe import StageConfig, TrainRecipe
 from llava_lite.train.state import MODEL_DIR, clean_partial, latest_checkpoint, load_train_state
 from llava_lite.train.stepping import (  # noqa: F401 - the exceptions are part of this module's interface
@@ -52,12 +54,18 @@ class TrainModule(nn.Module):
         self.distill = distill  # text-only rows learn the base LLM's distribution (train/distill.py)
 
     def forward(self, input_ids, attention_mask, labels, vision_features=None, pixel_values=None,
-                position_ids=None):
+                position_ids=None, pack_layout=None):
         image_embeds = None
         if vision_features is not None or pixel_values is not None:
             image_embeds = self.model.encode_images(pixel_values=pixel_values, vision_features=vision_features)
         extra = {} if position_ids is None else {"position_ids": position_ids}
-        ce_sum = token_losses(self.model, input_ids, attention_mask, labels, image_embeds, self.distill, **extra)
+        if pack_layout is not None:
+            extra["pack_layout"] = pack_layout
+        with prefix_attention(self.model.llm) if pack_layout is not None else nullcontext():
+            ce_sum = token_losses(self.model, input_ids, attention_mask, labels, image_embeds, self.distill, **extra)
+        if pack_layout is not None and pack_layout.calls == 0:
+            raise ConfigError("this LLM's attention does not dispatch through transformers' AttentionInterface, "
+                              "so packed rows would see each other; set pack_attention=mask in the recipe")
         if self.logit_scale is None or image_embeds is None or image_embeds.shape[0] != input_ids.shape[0]:
             return ce_sum, None
         text = self.model.llm.get_input_embeddings()(labels.clamp(min=0))

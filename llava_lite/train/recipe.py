@@ -10,6 +10,7 @@ from llava_lite.config import ConfigError, LlavaLiteConfig
 
 STAGES = ("align", "adapter", "instruct", "bridge")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PACK_ATTENTION = ("prefix", "mask")
 
 
 @dataclass
@@ -85,6 +86,10 @@ class TrainRecipe:
     cache_features: bool = True
     gradient_checkpointing: bool = False
     group_by_length: bool = True
+    # How a packed batch attends: "prefix" as dense prefix and suffix attentions
+    # (train/prefix_attention.py), "mask" as one attention under a block mask (the reference, and
+    # for an LLM whose attention does not dispatch through transformers' AttentionInterface).
+    pack_attention: str = "prefix"
     save_every: int = 50
     keep_last: int = 2
     skip_bad: bool = False
@@ -100,6 +105,8 @@ class TrainRecipe:
         self.model.validate()
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r}; use one of {PRECISIONS}")
+        if self.pack_attention not in PACK_ATTENTION:
+            raise ConfigError(f"pack_attention={self.pack_attention!r}; use one of {PACK_ATTENTION}")
         if self.save_every <= 0 or self.keep_last <= 0:
             raise ConfigError("save_every and keep_last must be positive")
         for name in STAGES:

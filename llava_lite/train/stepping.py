@@ -8,7 +8,7 @@ import json
 import math
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,13 @@ from llava_lite.images import load_image
 from llava_lite.prompting import IGNORE_INDEX
 from llava_lite.train.batching import BatchSchedule, shard
 from llava_lite.train.packing import Pack, pack_attention
+from llava_lite.train.precision import frozen_linear_weights
+from llava_lite.train.prefix_attention import layout_of
 from llava_lite.train.recipe import StageConfig, TrainRecipe
 from llava_lite.train.state import latest_checkpoint, save_train_state
 
 METRICS = "metrics.jsonl"
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingDivergedError(RuntimeError):
@@ -97,11 +100,18 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def collate(packs: list[Pack], processor, cache: FeatureCache | None, tower, packed: bool) -> dict[str, torch.Tensor]:
+def collate(packs: list[Pack], processor, cache: FeatureCache | None, tower, packed: bool,
+            attention: str = "prefix") -> dict[str, Any]:
+    """A micro-batch. Packs attend by `attention`: "prefix" gives a `pack_layout` for
+    train/prefix_attention.py beside the padding mask, "mask" the dense block mask."""
     input_ids, attention_mask = processor.pad([p.input_ids for p in packs], side="right")
     labels, _ = processor.pad([p.labels for p in packs], side="right", value=IGNORE_INDEX)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    if packed:
+    if packed and attention == "prefix":
+        width = input_ids.shape[1]
+        batch["pack_layout"] = layout_of([p.segments for p in packs], width)
+        batch["position_ids"] = processor.pad([p.positions for p in packs], side="right", value=0)[0]
+    elif packed:
         batch["attention_mask"], batch["position_ids"] = pack_attention(packs, input_ids.shape[1])
     images = [p for pack in packs for p in pack.images]
     if images:
@@ -135,8 +145,8 @@ def _accumulate(run: StageRun, step: int) -> tuple[float, torch.Tensor, int]:
     con_total = torch.zeros((), device=acc.device)
     for k, idx in enumerate(chunks):
         batch = collate([run.data.rows[i] for i in idx], run.processor, run.cache,
-                         run.unwrapped.model.vision_tower, stage.pack_shared_prefix)
-        batch = {key: v.to(acc.device) for key, v in batch.items()}
+                        run.unwrapped.model.vision_tower, stage.pack_shared_prefix, run.recipe.pack_attention)
+        batch = {key: v.to(acc.device) if torch.is_tensor(v) else v for key, v in batch.items()}
         with acc.no_sync(run.module) if k < len(chunks) - 1 else nullcontext():
             with acc.autocast():
                 ce_sum, con = run.module(**batch)
@@ -179,13 +189,29 @@ def _record(run: StageRun, step: int, loss: float, con: torch.Tensor, grad_norm:
     return record
 
 
+@contextmanager
+def fast_paths(run: StageRun):
+    """Under bf16/fp16 autocast the stage's steps run with the frozen LLM weights held in that
+    dtype, and with peft's up-cast of a LoRA layer's input to its fp32 weights turned off (autocast
+    casts it straight back for the matmul). Both give the same numbers, without the copies."""
+    from peft.helpers import disable_input_dtype_casting
+
+    dtype = HALF.get(str(run.accelerator.mixed_precision))
+    if dtype is None:
+        yield
+        return
+    llm = run.unwrapped.model.llm
+    with frozen_linear_weights(llm, dtype), disable_input_dtype_casting(llm):
+        yield
+
+
 def train_loop(run: StageRun, start: int, progress: bool) -> float:
     """Steps `start`..total with logging, periodic checkpoints and a clean stop on Ctrl-C."""
     trainable = [p for p in run.unwrapped.parameters() if p.requires_grad]
     bar = tqdm(total=run.total, initial=start, desc=run.name, unit="step", disable=not (progress and run.main))
     t_train, last_loss = time.perf_counter(), float("nan")
     run.module.train()
-    with StopFlag() as stop, open(run.out / METRICS, "a") if run.main else nullcontext() as log:
+    with StopFlag() as stop, fast_paths(run), open(run.out / METRICS, "a") if run.main else nullcontext() as log:
         for step in range(start, run.total):
             t_step = time.perf_counter()
             last_loss, con, n_tokens = _accumulate(run, step)

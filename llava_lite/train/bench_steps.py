@@ -1,0 +1,142 @@
+"""Training step speed on a recipe's stage: the reference path against the fast one, in one run.
+
+    python -m llava_lite.train.bench_steps --recipe demo --stage adapter --steps 6 --curve 20
+
+- reference: packed rows attend under one dense block mask, and autocast casts every frozen LLM
+  weight at every matmul (the training path before train/prefix_attention.py);
+- fast: prefix attention, and the frozen weights held in the autocast dtype (what training runs).
+
+Timing: each of the first `--steps` global batches runs forward and backward on both paths in
+turn, from the same weights and with no update, so each pair does identical work; the first
+pair is warm-up. Prints real tokens/s per path and the median of the pairwise ratios.
+`--curve N` then trains N steps on each path from the same start and prints both loss curves
+(and plots them with `--plot`). Prints numbers, asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from llava_lite.train import stepping
+from llava_lite.train.precision import frozen_linear_weights
+
+PATHS = ("reference", "fast")
+
+
+def _path(run, name: str):
+    """Switch `run` to one path; returns the context its steps run in."""
+    run.recipe.pack_attention = "mask" if name == "reference" else "prefix"
+    if name == "reference":
+        return nullcontext()
+    dtype = stepping.HALF.get(str(run.accelerator.mixed_precision))
+    return frozen_linear_weights(run.unwrapped.model.llm, dtype) if dtype is not None else nullcontext()
+
+
+def _timed(run, name: str, step: int) -> tuple[float, float]:
+    with _path(run, name):
+        t = time.perf_counter()
+        loss, _, _ = stepping._accumulate(run, step)
+        dt = time.perf_counter() - t
+    run.optimizer.zero_grad(set_to_none=True)
+    return dt, loss
+
+
+def time_paths(run, steps: int) -> dict:
+    lengths = [len(r.input_ids) for r in run.data.rows]
+    seconds = {p: [] for p in PATHS}
+    tokens, ratios, loss_gap = [], [], 0.0
+    for step in range(steps):
+        dts, losses = {}, {}
+        for name in PATHS if step % 2 == 0 else PATHS[::-1]:
+            dts[name], losses[name] = _timed(run, name, step)
+        loss_gap = max(loss_gap, abs(losses["fast"] - losses["reference"]))
+        if step == 0:
+            continue  # warm-up
+        tokens.append(sum(lengths[i] for i in run.schedule.batch(step)))
+        for p in PATHS:
+            seconds[p].append(dts[p])
+        ratios.append(dts["reference"] / dts["fast"])
+    return {"tokens_per_s": {p: round(sum(tokens) / sum(seconds[p]), 1) for p in PATHS},
+            "median_step_s": {p: round(statistics.median(seconds[p]), 3) for p in PATHS},
+            "speedup_median_of_pairs": round(statistics.median(ratios), 3),
+            "max_same_batch_loss_gap": loss_gap, "timed_steps": len(ratios)}
+
+
+def loss_curves(run, steps: int) -> dict[str, list[float]]:
+    trainable = [p for p in run.unwrapped.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in trainable]
+    opt, sched = copy.deepcopy(run.optimizer.state_dict()), copy.deepcopy(run.scheduler.state_dict())
+    curves = {}
+    for name in PATHS:
+        with torch.no_grad():
+            for p, s in zip(trainable, start, strict=True):
+                p.copy_(s)
+        run.optimizer.load_state_dict(opt)
+        run.scheduler.load_state_dict(sched)
+        curves[name] = []
+        for step in range(steps):
+            with _path(run, name):
+                loss, _, _ = stepping._accumulate(run, step)
+            stepping._update(run, step, loss, trainable)
+            curves[name].append(round(loss, 5))
+    return curves
+
+
+def _plot(curves: dict[str, list[float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, ys in curves.items():
+        ax.plot(range(1, len(ys) + 1), ys, label=name, alpha=0.8)
+    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llava_lite.recipes import get_recipe
+    from llava_lite.train.loop import _setup
+    from llava_lite.train.recipe import apply_overrides
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="demo")
+    p.add_argument("--stage", default="adapter")
+    p.add_argument("--steps", type=int, default=6, help="global batches timed on both paths (the first is warm-up)")
+    p.add_argument("--curve", type=int, default=0, help="then train this many steps on each path, for the loss curves")
+    p.add_argument("--plot", type=Path, help="write the loss curves to this PNG")
+    p.add_argument("overrides", nargs="*", help="recipe overrides (key=value)")
+    args = p.parse_args(argv)
+    recipe = apply_overrides(get_recipe(args.recipe), [*args.overrides, f"{args.stage}.eval=[]"])
+    with tempfile.TemporaryDirectory() as tmp:
+        run = _setup(recipe, args.stage, Path(tmp), None, progress=False)
+    run.module, run.optimizer = run.accelerator.prepare(run.module, run.optimizer)
+    run.unwrapped = run.accelerator.unwrap_model(run.module)
+    run.module.train()
+    result = {"recipe": args.recipe, "stage": args.stage, "precision": str(run.accelerator.mixed_precision),
+              "threads": torch.get_num_threads(), **time_paths(run, args.steps)}
+    if args.curve:
+        curves = loss_curves(run, args.curve)
+        result["loss_curves"] = curves
+        result["max_curve_gap"] = max(abs(a - b) for a, b in zip(*curves.values(), strict=True))
+        if args.plot:
+            _plot(curves, args.plot, f"{args.recipe}: {args.stage}, reference vs fast path")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""Packed batches attend without a dense mask (train/prefix_attention.py) and, in bf16 runs, with
+the frozen weights pre-cast (train/precision.py): both must give the reference's numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft.helpers import disable_input_dtype_casting
+
+from llava_lite.config import ConfigError
+from llava_lite.train import loop, stepping
+from llava_lite.train.packing import Pack, pack_attention, pack_rows, single
+from llava_lite.train.precision import frozen_linear_weights
+from llava_lite.train.prefix_attention import PackLayout, layout_of, packed_attention
+from tests.test_train import _encoded_rows
+
+
+def _packs(shapes):
+    packs = []
+    for prefix, suffixes in shapes:
+        segs = [0] * prefix + [k + 1 for k, n in enumerate(suffixes) for _ in range(n)]
+        pos = list(range(prefix)) + [prefix + i for n in suffixes for i in range(n)]
+        packs.append(Pack([1] * len(segs), [0] * len(segs), [], segs, pos))
+    return packs
+
+
+def test_packed_attention_equals_the_block_mask_attention_and_its_gradients():
+    torch.manual_seed(0)
+    # packs of different prefix and suffix lengths, an unpacked row, a one-token suffix, padding
+    packs = _packs([(5, [3, 2, 4]), (7, []), (4, [1, 5]), (3, [2])])
+    width = max(len(p.segments) for p in packs)
+    mask, _ = pack_attention(packs, width)
+    q = torch.randn(4, 6, width, 8, requires_grad=True)
+    k = torch.randn(4, 2, width, 8, requires_grad=True)  # grouped-query: 3 query heads per kv head
+    v = torch.randn(4, 2, width, 8, requires_grad=True)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
+                                         attn_mask=mask).transpose(1, 2)
+    out = packed_attention(q, k, v, layout_of([p.segments for p in packs], width))
+    real = torch.tensor([[i < len(p.segments) for i in range(width)] for p in packs])
+    assert torch.allclose(out[real], ref[real], atol=1e-5)
+    assert bool(out[~real].isfinite().all())  # padding: anything finite (no label reads it)
+    weights = torch.randn_like(ref) * real[..., None, None]
+    for a, b in zip(torch.autograd.grad((ref * weights).sum(), (q, k, v)),
+                    torch.autograd.grad((out * weights).sum(), (q, k, v)), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_a_layout_whose_prefix_is_not_at_the_start_is_refused():
+    layout = PackLayout(torch.tensor([[0, 0, 1, 0, -1]]))
+    with pytest.raises(ValueError, match="segment 0"):
+        layout.index(torch.device("cpu"))
+
+
+def _batch_and_module(tiny_lite, images, tmp_path):
+    lite = tiny_lite(lora=True, seed=1)
+    for i in range(2):
+        images[i].save(tmp_path / f"{i}.png")
+    rows = _encoded_rows(lite, tmp_path / "0.png", [("What color?", "red"), ("How many?", "two"),
+                                                    ("Is it big?", "yes, it is")])
+    rows += _encoded_rows(lite, tmp_path / "1.png", [("What shape?", "a circle")])
+    packs = pack_rows(rows, lite.processor.image_token_id, 16, 256) + [single(rows[0])]
+    return lite, packs, loop.TrainModule(lite.model, contrastive=False)
+
+
+def _loss_and_grads(lite, module, packs, attention):
+    module.zero_grad()
+    batch = stepping.collate(packs, lite.processor, None, lite.model.vision_tower, packed=True, attention=attention)
+    loss, _ = module(**batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return loss.item(), grads
+
+
+def test_a_training_step_through_prefix_attention_matches_the_block_mask(tiny_lite, images, tmp_path):
+    lite, packs, module = _batch_and_module(tiny_lite, images, tmp_path)
+    assert [p.members for p in packs] == [3, 1, 1]
+    loss_mask, grads_mask = _loss_and_grads(lite, module, packs, "mask")
+    loss_prefix, grads_prefix = _loss_and_grads(lite, module, packs, "prefix")
+    assert loss_prefix == pytest.approx(loss_mask, rel=1e-5)
+    assert grads_prefix.keys() == grads_mask.keys() and any("lora_" in n for n in grads_mask)
+    for name, g in grads_mask.items():
+        # float32 summation order differs; a wrong mask would differ at the gradient's own scale
+        assert (grads_prefix[name] - g).abs().max() <= 1e-5 * g.abs().max(), name
+    # the LLM's attention is put back: generation after training uses plain SDPA
+    assert lite.model.llm.config._attn_implementation != "llava_lite_prefix"
+
+
+def test_an_llm_that_ignores_the_layout_is_refused(tiny_lite, images, tmp_path, monkeypatch):
+    from contextlib import nullcontext
+
+    lite, packs, module = _batch_and_module(tiny_lite, images, tmp_path)
+    monkeypatch.setattr(loop, "prefix_attention", lambda llm: nullcontext())  # attention never sees it
+    batch = stepping.collate(packs, lite.processor, None, lite.model.vision_tower, packed=True)
+    with pytest.raises(ConfigError, match="pack_attention=mask"):
+        module(**batch)
+
+
+def test_frozen_weights_held_in_bf16_give_the_autocast_step_and_are_put_back(tiny_lite, images, tmp_path):
+    lite, packs, module = _batch_and_module(tiny_lite, images, tmp_path)
+    llm = lite.model.llm
+    before = {n: p for n, p in llm.named_parameters()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _loss_and_grads(lite, module, packs, "prefix")
+        with frozen_linear_weights(llm, torch.bfloat16) as n, disable_input_dtype_casting(llm):
+            dtypes = {p.dtype for name, p in llm.named_parameters() if "base_layer" in name}
+            fast = _loss_and_grads(lite, module, packs, "prefix")
+    assert n > 0 and dtypes == {torch.bfloat16}
+    assert fast[0] == pytest.approx(ref[0], rel=1e-6)
+    for name, g in ref[1].items():
+        assert (fast[1][name] - g).abs().max() <= 1e-3 * g.abs().max(), name
+    after = dict(llm.named_parameters())
+    assert all(after[k] is p and p.dtype == torch.float32 for k, p in before.items())
+    assert llm.get_input_embeddings().weight.dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_bench_steps_compares_both_paths_on_the_same_batches(capsys):
+    """The step benchmark on the tiny recipe's default parts: in fp32 the two paths differ only
+    by summation order, on the same batch and along a short training run."""
+    import json
+
+    from llava_lite.train import bench_steps
+
+    assert bench_steps.main(["--recipe", "tiny", "--stage", "adapter", "--steps", "3", "--curve", "3"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
+    assert result["timed_steps"] == 2 and set(result["tokens_per_s"]) == {"reference", "fast"}
+    assert result["max_same_batch_loss_gap"] < 1e-4
+    assert len(result["loss_curves"]["fast"]) == 3 and result["max_curve_gap"] < 1e-3
