@@ -158,6 +158,55 @@ def export_hf(model, processor, out_dir: str | Path) -> Path:
     hf.to(model.dtype)
     hf.generation_config.suppress_tokens = [image_token_id]
     hf.save_pretrained(out)
-    processor.tokenizer.save_pretrained(out)
-    tower.image_processor.save_pretrained(out)
+    llava_processor(processor, tower).save_pretrained(out)
     return out
+
+
+def llava_processor(processor, tower):
+    """The `LlavaProcessor` that expands `<image>` the way llava-lite does: CLIP's patch grid,
+    plus the CLS token under the `full` strategy, and llava-lite's chat template."""
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=tower.image_processor, tokenizer=processor.tokenizer,
+        patch_size=tower.model.config.patch_size,
+        vision_feature_select_strategy=STRATEGY_TO_HF[tower.strategy],
+        num_additional_image_tokens=1,  # CLIP's CLS, dropped again under "default"
+        image_token=processor.config.image_token,
+        chat_template=export_chat_template(processor.tokenizer.chat_template, processor.config),
+    )
+
+
+def export_chat_template(template: str, config: LlavaLiteConfig) -> str:
+    """A processor-style template that renders what llava-lite renders.
+
+    Engines and `apply_chat_template` pass content as parts ({"type": "image"}, {"type": "text"}).
+    A tokenizer template that takes plain strings gets a prelude that joins the parts with
+    newlines, an image becoming the image token (as llava-lite's prompt builder does), and adds
+    the configured system prompt; a template that already iterates over parts is kept as it is.
+    """
+    if config.chat_content_format == "parts":
+        if config.system_prompt is not None:
+            raise ConfigError("export-hf: a system prompt with a content-parts chat template is not supported")
+        return template
+    image, system = json.dumps(config.image_token), json.dumps(config.system_prompt)
+    prelude = (
+        "{%- set ns = namespace(messages=[]) -%}"
+        "{%- for m in messages -%}"
+        "{%- if m['content'] is string -%}{%- set text = m['content'] -%}"
+        "{%- else -%}{%- set parts = namespace(text=[]) -%}"
+        "{%- for p in m['content'] -%}"
+        "{%- if p['type'] == 'text' -%}{%- set parts.text = parts.text + [p['text']] -%}"
+        f"{{%- elif p['type'] in ['image', 'image_url'] -%}}{{%- set parts.text = parts.text + [{image}] -%}}"
+        "{%- endif -%}{%- endfor -%}"
+        "{%- set text = parts.text | join('\n') -%}{%- endif -%}"
+        "{%- set ns.messages = ns.messages + [{'role': m['role'], 'content': text}] -%}"
+        "{%- endfor -%}"
+    )
+    if config.system_prompt is not None:
+        prelude += (
+            "{%- if not ns.messages or ns.messages[0]['role'] != 'system' -%}"
+            f"{{%- set ns.messages = [{{'role': 'system', 'content': {system}}}] + ns.messages -%}}"
+            "{%- endif -%}"
+        )
+    return prelude + "{%- set messages = ns.messages -%}" + template

@@ -95,3 +95,54 @@ def test_export_refuses_projectors_llava_hf_cannot_hold(tiny_lite, tmp_path, pro
     lite = tiny_lite(lora=False, projector=projector)
     with pytest.raises(ValueError, match="mlp2x_gelu"):
         export_hf(lite.model, lite.processor, tmp_path / "x")
+
+
+def _parts_message(question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+@pytest.mark.parametrize("strategy", ["patch", "cls_patch"])
+def test_exported_folder_runs_with_transformers_alone(tiny_lite, images, tmp_path, strategy):
+    """AutoProcessor expands <image> as llava-lite does, from a plain chat-template prompt."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
+
+    lite = tiny_lite(lora=True, seed=11, strategy=strategy)
+    out = export_hf(lite.model, lite.processor, tmp_path / "hf")
+    proc = AutoProcessor.from_pretrained(out)
+    assert isinstance(proc, LlavaProcessor)
+    prompt = proc.apply_chat_template(_parts_message(QUESTION), add_generation_prompt=True)
+    inputs = proc(images=images[0], text=prompt, return_tensors="pt")
+    ids, pixels = prompt_inputs(lite, images[:1], QUESTION)
+    assert inputs["input_ids"].tolist() == ids.tolist()
+    assert torch.allclose(inputs["pixel_values"], pixels)
+    hf = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    theirs = hf.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None)[0, ids.shape[1]:]
+    ours = lite.model.generate(ids, image_embeds=lite.model.encode_images(pixels), max_new_tokens=8,
+                               do_sample=False, eos_token_id=None, pad_token_id=lite.processor.pad_token_id)[0]
+    assert theirs.tolist() == ours.tolist()
+
+
+def test_exported_folder_answers_through_the_transformers_pipeline(tiny_lite, images, tmp_path):
+    from transformers import pipeline
+
+    lite = tiny_lite(lora=True, seed=11)
+    out = export_hf(lite.model, lite.processor, tmp_path / "hf")
+    pipe = pipeline("image-text-to-text", model=str(out), dtype=torch.float32)
+    messages = [{"role": "user", "content": [{"type": "image", "image": images[0]},
+                                             {"type": "text", "text": QUESTION}]}]
+    reply = pipe(text=messages, max_new_tokens=6, do_sample=False, return_full_text=False)
+    ids, pixels = prompt_inputs(lite, images[:1], QUESTION)
+    ours = lite.model.generate(ids, image_embeds=lite.model.encode_images(pixels), max_new_tokens=6,
+                               do_sample=False, pad_token_id=lite.processor.pad_token_id)[0]
+    assert reply[0]["generated_text"] == lite.processor.tokenizer.decode(ours, skip_special_tokens=True)
+
+
+def test_export_chat_template_adds_the_configured_system_prompt(tiny_lite, tmp_path):
+    from transformers import AutoProcessor
+
+    lite = tiny_lite(lora=False, system_prompt="You look at pictures.")
+    out = export_hf(lite.model, lite.processor, tmp_path / "hf")
+    prompt = AutoProcessor.from_pretrained(out).apply_chat_template(_parts_message("Hi?"), add_generation_prompt=True)
+    ours = lite.processor.tokenizer.decode(lite.processor.encode_prompt([lite.user_message("Hi?")]))
+    assert "You look at pictures." in prompt
+    assert prompt.replace("<image>", "") == ours.replace("<image>", "")
