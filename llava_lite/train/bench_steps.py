@@ -2,9 +2,10 @@
 
     python -m llava_lite.train.bench_steps --recipe demo --stage adapter --steps 6 --curve 20
 
-- reference: packed rows attend under one dense block mask, and autocast casts every frozen LLM
-  weight at every matmul (the training path before train/prefix_attention.py);
-- fast: prefix attention, and the frozen weights held in the autocast dtype (what training runs).
+- reference: packed rows attend under one dense block mask, autocast casts every frozen LLM
+  weight at every matmul, and peft up-casts LoRA inputs (the path before prefix_attention.py);
+- fast: what training runs: prefix attention, and under bf16/fp16 autocast `stepping.fast_paths`
+  (frozen weights held in that dtype, peft's LoRA input up-cast off).
 
 Timing: each of the first `--steps` global batches runs forward and backward on both paths in
 turn, from the same weights and with no update, so each pair does identical work; the first
@@ -27,7 +28,6 @@ from pathlib import Path
 import torch
 
 from llava_lite.train import stepping
-from llava_lite.train.precision import frozen_linear_weights
 
 PATHS = ("reference", "fast")
 
@@ -35,10 +35,7 @@ PATHS = ("reference", "fast")
 def _path(run, name: str):
     """Switch `run` to one path; returns the context its steps run in."""
     run.recipe.pack_attention = "mask" if name == "reference" else "prefix"
-    if name == "reference":
-        return nullcontext()
-    dtype = stepping.HALF.get(str(run.accelerator.mixed_precision))
-    return frozen_linear_weights(run.unwrapped.model.llm, dtype) if dtype is not None else nullcontext()
+    return nullcontext() if name == "reference" else stepping.fast_paths(run)
 
 
 def _timed(run, name: str, step: int) -> tuple[float, float]:

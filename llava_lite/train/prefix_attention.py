@@ -3,9 +3,9 @@
 A pack (`llava_lite.train.packing`) is a shared prefix followed by many short suffixes, each of
 which sees the prefix and itself only. As one dense masked attention over the whole pack, most
 of the (length x length) scores are computed and then masked away, and the masked CPU kernel is
-slow. Here the same attention is two dense ones: the prefixes, causally and with no mask (the
-fastest kernel), and every suffix of the batch as its own short row whose keys are its pack's
-prefix followed by itself. The outputs equal the block-mask attention's at every real token.
+slow. Here every token scores only its row's prefix and, in a suffix, its own suffix, under one
+softmax (`_packs_attention`); unpacked rows take causal SDPA. The outputs equal the block-mask
+attention's at every real token.
 
 It plugs into transformers as a registered attention function. Inside `prefix_attention(llm)`
 the LLM uses it whenever a forward is given `pack_layout=PackLayout(...)`, and plain SDPA
