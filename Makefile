@@ -6,7 +6,9 @@ STAMP := $(VENV)/.setup-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup browser demo test test-fast lint clean help
+LLAMACPP_STAMP := $(VENV)/.llamacpp-stamp
+
+.PHONY: setup browser llamacpp demo test test-fast lint clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*## /\t/'
@@ -31,7 +33,13 @@ browser:  ## install Debian's chromium for the browser test, if missing
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
-test: setup browser  ## ruff, then the whole test suite, slow end-to-end tests included
+llamacpp: $(LLAMACPP_STAMP)  ## build llama-cpp-python (~6 min once) for the export-gguf tests
+
+$(LLAMACPP_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[llamacpp]"
+	touch $(LLAMACPP_STAMP)
+
+test: setup browser llamacpp  ## ruff, then the whole test suite, slow end-to-end tests included
 	$(VENV)/bin/ruff check llava_lite train serve data tests
 	$(PY) -m pytest -q -ra
 

@@ -73,6 +73,23 @@ def cmd_export_hf(args) -> int:
     return 0
 
 
+def cmd_export_gguf(args) -> int:
+    from llava_lite import LlavaLite
+    from llava_lite.gguf_export import export_gguf
+    from llava_lite.gguf_mmproj import mmproj_caveat
+
+    model = LlavaLite.from_pretrained(args.model)
+    paths = export_gguf(model.model, model.processor, args.out, type_name=args.type, llm_only=args.llm_only)
+    for part, path in paths.items():
+        print(f"wrote {part}: {path}")
+    caveat = mmproj_caveat(model.model) if "mmproj" in paths else None
+    if caveat:
+        print(f"note: {caveat}")
+    if "mmproj" in paths:
+        print(f"run: llama-mtmd-cli -m {paths['llm']} --mmproj {paths['mmproj']} --image IMAGE -p 'What is this?'")
+    return 0
+
+
 def cmd_info(args) -> int:
     from llava_lite import LlavaLite
 
@@ -161,6 +178,17 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--model", required=True, help="llava-lite checkpoint with a clip tower and mlp2x_gelu projector")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("export-gguf", help="write llama.cpp GGUF files: the LLM and, for CLIP/SigLIP towers, an mmproj",
+                       description="Writes <out>/llm-<type>.gguf and <out>/mmproj-<type>.gguf (LoRA merged first), "
+                                   "which llama.cpp's llama-mtmd-cli, llama-server and llama-cpp-python load as is.")
+    p.add_argument("--model", default=None, help="checkpoint (default: the built-in model)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0"],
+                   help="storage of 2-D weights (norms stay f32; default: %(default)s)")
+    p.add_argument("--llm-only", action="store_true",
+                   help="write the language model alone (needed for towers llama.cpp cannot run, e.g. EfficientNet)")
+    p.set_defaults(func=cmd_export_gguf)
 
     p = sub.add_parser("info", help="print a model's config and parameter counts")
     p.add_argument("--model", default=None, help="checkpoint (default: the built-in model)")

@@ -7,7 +7,6 @@ sharing the loaded tensors (no copies). Exporting: a model with a `clip` tower a
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 
 from llava_lite.config import ConfigError, LlavaLiteConfig, LLMConfig, ProjectorConfig, VisionConfig
 from llava_lite.llm import load_tokenizer
-from llava_lite.lora import is_peft
+from llava_lite.lora import merged_copy
 from llava_lite.projectors import MLP2xGeluProjector
 from llava_lite.vision.clip import CLIPTower, image_processor_for
 
@@ -129,9 +128,7 @@ def export_hf(model, processor, out_dir: str | Path) -> Path:
             f"{config.vision.name!r} and {config.projector.name!r}"
         )
     out = Path(out_dir)
-    llm = copy.deepcopy(model.llm)
-    if is_peft(llm):
-        llm = llm.merge_and_unload()
+    llm = merged_copy(model.llm)
     image_token_id = processor.image_token_id
     vocab = llm.get_input_embeddings().num_embeddings
     if image_token_id >= vocab:
@@ -177,19 +174,21 @@ def llava_processor(processor, tower):
     )
 
 
-def export_chat_template(template: str, config: LlavaLiteConfig) -> str:
+def export_chat_template(template: str, config: LlavaLiteConfig, image_text: str | None = None) -> str:
     """A processor-style template that renders what llava-lite renders.
 
     Engines and `apply_chat_template` pass content as parts ({"type": "image"}, {"type": "text"}).
     A tokenizer template that takes plain strings gets a prelude that joins the parts with
-    newlines, an image becoming the image token (as llava-lite's prompt builder does), and adds
-    the configured system prompt; a template that already iterates over parts is kept as it is.
+    newlines, an image becoming `image_text` (default: the image token; llama.cpp wants its media
+    marker), as llava-lite's prompt builder does, and adds the configured system prompt; a
+    template that already iterates over parts is kept as it is.
     """
     if config.chat_content_format == "parts":
         if config.system_prompt is not None:
             raise ConfigError("export-hf: a system prompt with a content-parts chat template is not supported")
         return template
-    image, system = json.dumps(config.image_token), json.dumps(config.system_prompt)
+    image = json.dumps(config.image_token if image_text is None else image_text)
+    system = json.dumps(config.system_prompt)
     prelude = (
         "{%- set ns = namespace(messages=[]) -%}"
         "{%- for m in messages -%}"

@@ -21,6 +21,14 @@ def add_lora(llm, config: LoraConfig):
     return get_peft_model(llm, peft_config)
 
 
+def merged_copy(llm):
+    """A copy of `llm` with any LoRA adapter folded into its weights (the original is kept)."""
+    import copy
+
+    llm = copy.deepcopy(llm)
+    return llm.merge_and_unload() if is_peft(llm) else llm
+
+
 def load_lora(llm, adapter_dir: Path, trainable: bool = False):
     from peft import PeftModel
 
