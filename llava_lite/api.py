@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria
 
-from llava_lite.checkpoint import build_model, is_checkpoint, load_checkpoint, save_checkpoint
+from llava_lite.checkpoint import build_model, is_checkpoint, load_checkpoint, load_model_folder, save_checkpoint
 from llava_lite.config import LlavaLiteConfig
 from llava_lite.image_cache import ImageEmbedCache
 from llava_lite.image_views import ImageView, bridge_messages, image_views
@@ -87,18 +87,8 @@ class LlavaLite:
                 # No trained demo checkpoint in this install: real parts, fresh projector.
                 model, processor = build_model(LlavaLiteConfig(), dtype=torch_dtype)
                 source = "default (untrained projector)"
-        elif is_checkpoint(path):
-            model, processor = load_checkpoint(path, dtype=torch_dtype)
-            source = str(path)
         else:
-            from llava_lite.hf_interop import is_llava_hf, llava_hf_config
-
-            if not is_llava_hf(path):
-                raise FileNotFoundError(
-                    f"{path}: neither a llava-lite checkpoint (config.json with vision/projector/llm) "
-                    "nor a transformers LlavaForConditionalGeneration folder"
-                )
-            model, processor = build_model(llava_hf_config(str(path)), dtype=torch_dtype)
+            model, processor = load_model_folder(path, dtype=torch_dtype)
             source = str(path)
         obj = cls(model, processor, source)
         if device is not None:

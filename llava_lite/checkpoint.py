@@ -103,6 +103,27 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, traina
     return build_model(config, checkpoint_dir=path, dtype=dtype, trainable_lora=trainable_lora)
 
 
+def load_model_folder(path: str | Path, dtype: torch.dtype = torch.float32, trainable_lora: bool = False):
+    """(model, processor) from a llava-lite checkpoint or a transformers llava-hf folder."""
+    if is_checkpoint(path):
+        return load_checkpoint(path, dtype=dtype, trainable_lora=trainable_lora)
+    from llava_lite.hf_interop import is_llava_hf, llava_hf_config
+
+    if not is_llava_hf(path):
+        raise FileNotFoundError(
+            f"{path}: neither a llava-lite checkpoint (config.json with vision/projector/llm) "
+            "nor a transformers LlavaForConditionalGeneration folder"
+        )
+    return build_model(llava_hf_config(str(path)), dtype=dtype)
+
+
+def is_model_folder(path: str | Path) -> bool:
+    """A folder `load_model_folder` can read (a llava-lite checkpoint or a local llava-hf folder)."""
+    from llava_lite.hf_interop import is_llava_hf
+
+    return is_checkpoint(path) or (Path(path).is_dir() and is_llava_hf(path))
+
+
 def save_checkpoint(model: LlavaLiteModel, out_dir: str | Path, save_llm: bool = False, tokenizer=None) -> Path:
     """Write a checkpoint folder atomically (a temp folder renamed into place).
 

@@ -43,7 +43,8 @@ def test_export_hf_matches_transformers(tiny_lite, images, tmp_path, strategy):
     _compare(lite, hf, images[:2])
 
 
-def test_transformers_made_folder_loads_in_llava_lite(tiny_clip_dir, tiny_llm_dir, images, tmp_path):
+def _transformers_made_folder(tiny_clip_dir, tiny_llm_dir, folder):
+    """A LlavaForConditionalGeneration folder made by transformers alone (as llava-hf ships)."""
     from transformers import (
         AutoTokenizer,
         CLIPVisionConfig,
@@ -69,13 +70,17 @@ def test_transformers_made_folder_loads_in_llava_lite(tiny_clip_dir, tiny_llm_di
     with torch.no_grad():  # larger projector weights so images matter to the logits
         for p in hf.model.multi_modal_projector.parameters():
             p.normal_(0, 0.5)
-    folder = tmp_path / "llava-hf"
     hf.save_pretrained(folder)
     tok.save_pretrained(folder)
     from transformers import CLIPImageProcessorPil
 
     CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return hf, cfg
 
+
+def test_transformers_made_folder_loads_in_llava_lite(tiny_clip_dir, tiny_llm_dir, images, tmp_path):
+    folder = tmp_path / "llava-hf"
+    hf, cfg = _transformers_made_folder(tiny_clip_dir, tiny_llm_dir, folder)
     lite = LlavaLite.from_pretrained(folder)
     assert lite.config.llava_hf_path == str(folder) and lite.config.vision.name == "clip"
     assert lite.processor.image_token_id == cfg.image_token_id
@@ -146,3 +151,25 @@ def test_export_chat_template_adds_the_configured_system_prompt(tiny_lite, tmp_p
     ours = lite.processor.tokenizer.decode(lite.processor.encode_prompt([lite.user_message("Hi?")]))
     assert "You look at pictures." in prompt
     assert prompt.replace("<image>", "") == ours.replace("<image>", "")
+
+
+def test_transformers_made_folder_trains_a_step_and_saves(tiny_clip_dir, tiny_llm_dir, images, tmp_path):
+    """Round trip: a llava-hf folder is --init for a llava-lite stage, which trains and saves a
+    checkpoint that reloads with the trained weights."""
+    from llava_lite.recipes import get_recipe
+    from llava_lite.train.recipe import apply_overrides
+    from llava_lite.train.run import run_recipe
+
+    folder = tmp_path / "llava-hf"
+    _transformers_made_folder(tiny_clip_dir, tiny_llm_dir, folder)
+    recipe = apply_overrides(get_recipe("tiny"), ["instruct.max_steps=1"])
+    summary = run_recipe(recipe, ["instruct"], tmp_path / "run", init_from=folder, progress=False)
+    assert summary["instruct"]["steps"] == 1 and summary["instruct"]["final_loss"] > 0
+    before = LlavaLite.from_pretrained(folder)
+    after = LlavaLite.from_pretrained(tmp_path / "run" / "3-instruct" / "model")
+    assert after.config.llava_hf_path == str(folder)  # still built on the llava-hf weights
+    ids, pixels = prompt_inputs(before, images[:1], QUESTION)
+    with torch.no_grad():
+        old = before.model(ids, pixel_values=pixels).logits
+        new = after.model(ids, pixel_values=pixels).logits
+    assert not torch.allclose(old, new)  # the trained LoRA and projector came back

@@ -77,8 +77,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stage", default="all", choices=[*STAGES, "all"],
                    help="which stage to run (default: all, chained)")
     p.add_argument("--init", type=Path, metavar="MODEL_DIR",
-                   help="start the first stage run from this llava-lite checkpoint instead of the previous "
-                        "stage's output (e.g. --stage bridge --init llava_lite/assets/demo-model)")
+                   help="start the first stage run from this llava-lite checkpoint or transformers llava-hf "
+                        "folder instead of the previous stage's output "
+                        "(e.g. --stage bridge --init llava_lite/assets/demo-model)")
     p.add_argument("--output", help="run folder (default: runs/RECIPE)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint (model, optimizer, scheduler, RNG, data position)")

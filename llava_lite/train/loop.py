@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llava_lite.checkpoint import PROJECTOR_NAME, build_model, load_checkpoint, save_checkpoint
+from llava_lite.checkpoint import PROJECTOR_NAME, build_model, load_model_folder, save_checkpoint
 from llava_lite.config import ConfigError, LlavaLiteConfig
 from llava_lite.contrastive import LogitScale, clip_loss
 from llava_lite.feature_cache import FeatureCache
@@ -113,7 +113,7 @@ def build_stage_model(recipe: TrainRecipe, stage: StageConfig, init_from: Path |
         config.label_bridge.enabled = False  # a stage with fit_domain_gate turns it on
         model, processor = build_model(config, seed=recipe.seed)
     else:
-        model, processor = load_checkpoint(init_from, trainable_lora=stage.lora)
+        model, processor = load_model_folder(init_from, trainable_lora=stage.lora)
     if stage.lora and not is_peft(model.llm):
         model.llm = add_lora(model.llm, recipe.model.lora)
         model.config.lora = LlavaLiteConfig.from_dict(recipe.model.to_dict()).lora

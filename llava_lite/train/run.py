@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llava_lite.checkpoint import is_checkpoint
+from llava_lite.checkpoint import is_model_folder
 from llava_lite.config import ConfigError
 from llava_lite.train.loop import MODEL_DIR, STAGE_DONE, train_stage
 from llava_lite.train.recipe import STAGES, TrainRecipe
@@ -43,8 +43,8 @@ def run_recipe(
     an error, since it starts from that stage's model.
     """
     output = Path(output)
-    if init_from is not None and not is_checkpoint(init_from):
-        raise ConfigError(f"{init_from}: --init needs a llava-lite checkpoint folder (config.json + projector)")
+    if init_from is not None and not is_model_folder(init_from):
+        raise ConfigError(f"{init_from}: --init needs a llava-lite checkpoint or a transformers llava-hf folder")
     output.mkdir(parents=True, exist_ok=True)
     (output / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     if recipe_file is not None:
