@@ -157,6 +157,7 @@ def test_transformers_made_folder_trains_a_step_and_saves(tiny_clip_dir, tiny_ll
     """Round trip: a llava-hf folder is --init for a llava-lite stage, which trains and saves a
     checkpoint that reloads with the trained weights."""
     from llava_lite.recipes import get_recipe
+
     from llava_lite.train.recipe import apply_overrides
     from llava_lite.train.run import run_recipe
 
