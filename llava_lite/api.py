@@ -54,6 +54,7 @@ class LlavaLite:
         self.processor = processor
         self.source = source
         self.quantization = "none"
+        self.decoder = None  # a LlamaCppDecoder once quantize("llamacpp-...") is called
         self.image_cache = ImageEmbedCache()
         # The KV cache of recent conversations, so a follow-up turn only runs its new tokens.
         self.prompt_cache = PromptCache(processor.image_token_id, capacity=4)
@@ -122,6 +123,15 @@ class LlavaLite:
         return self
 
     def quantize(self, mode: str) -> LlavaLite:
+        """Quantize the LLM for inference (`8bit`, `4bit` or a `llava_lite.quantize` backend), or with a `llamacpp-*`
+        mode decode in llama.cpp instead (chat, ask and caption; batches stay in torch)."""
+        from llava_lite.llamacpp_decoder import MODES as LLAMACPP_MODES
+
+        if mode in LLAMACPP_MODES:
+            from llava_lite.llamacpp_chat import attach
+
+            self.quantization = attach(self, mode)
+            return self
         from llava_lite.quantize import quantize_model
 
         self.quantization = quantize_model(self, mode)
@@ -220,6 +230,10 @@ class LlavaLite:
         """
         kwargs = self._gen_kwargs(**gen)
         ids, embeds, keys = self._prepare(messages, images, kwargs["max_new_tokens"])
+        if self.decoder is not None:
+            from llava_lite import llamacpp_chat
+
+            return (llamacpp_chat.stream if stream else llamacpp_chat.reply)(self, ids, embeds, keys, kwargs)
         input_ids = torch.tensor([ids], device=self.device)
         cache = self._take_cache(ids, keys)
         if not stream:

@@ -31,6 +31,9 @@ VARIANTS = {  # name -> (dtype, quantize)
     "bnb-4bit": ("fp32", "bnb-4bit"),
     "torchao-int8": ("fp32", "torchao-int8"),
     "torchao-int8-weight-only": ("fp32", "torchao-int8-weight-only"),
+    # llama.cpp decodes the same merged LLM (llama-cpp-python; tower and projector in torch)
+    "llamacpp-f32": ("fp32", "llamacpp-f32"),
+    "llamacpp-q8_0": ("fp32", "llamacpp-q8_0"),
 }
 QUESTION = "Describe the image in one sentence."
 FOLLOW_UP = "What colors do you see?"
@@ -149,7 +152,8 @@ def _load_variant(model_path: str | None, variant: str, device: str | None):
         lite.quantize(quantize)
     res = BenchResult(variant=variant, backend=lite.quantization if quantize else dtype, device=str(lite.device))
     res.load_s = time.perf_counter() - t
-    res.llm_weight_bytes = state_bytes(lite.model.llm)
+    # what decodes: the GGUF file under llama.cpp, else the torch LLM's stored tensors
+    res.llm_weight_bytes = lite.decoder.gguf_path.stat().st_size if lite.decoder else state_bytes(lite.model.llm)
     return lite, hf_dir, res
 
 
@@ -204,6 +208,12 @@ def _time_generation(lite, hf_dir: Path | None, images, new_tokens: int, repeats
     gen = {"do_sample": False, "pad_token_id": lite.processor.pad_token_id}
 
     def ours(n: int):
+        if lite.decoder is not None:
+            from llava_lite.llamacpp_chat import tokens
+
+            keys = [f"bench-{i}" for i in range(embeds.shape[0])]
+            opts = {"max_new_tokens": n, "min_new_tokens": n, "eos_token_id": lite.processor.tokenizer.eos_token_id}
+            return lambda: (lite.decoder.reset(), list(tokens(lite, ids[0].tolist(), embeds, keys, opts)))
         return lambda: lite.model.generate(ids, image_embeds=embeds, max_new_tokens=n, min_new_tokens=n, **gen)
 
     t1, res.decode_tok_s = _prefill_and_decode(ours, new_tokens, repeats, dev)
@@ -227,6 +237,8 @@ def _time_chat_turns(lite, images, new_tokens: int, res: BenchResult) -> None:
     fresh = images[-1]
     lite.image_cache.clear()
     lite.prompt_cache.clear()
+    if lite.decoder is not None:
+        lite.decoder.reset()  # cold, as the torch paths are: no prefix kept from the warm-up
     t = time.perf_counter()
     lite.chat(messages, images=[fresh], max_new_tokens=1)
     res.first_token_ms = 1000 * (time.perf_counter() - t)
@@ -261,7 +273,8 @@ def run_variant(model_path: str | None, variant: str, new_tokens: int, repeats: 
         _time_encode(lite, images, repeats, res)
         _time_generation(lite, hf_dir, images, new_tokens, repeats, res)
     _time_chat_turns(lite, images, new_tokens, res)
-    _time_batches(lite, images, batch_sizes, repeats, res)
+    if lite.decoder is None:  # batches run in torch; llama.cpp variants would time that, not themselves
+        _time_batches(lite, images, batch_sizes, repeats, res)
     if hf_dir is not None:
         shutil.rmtree(hf_dir, ignore_errors=True)
     if dev.type == "cuda":

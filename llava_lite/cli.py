@@ -18,8 +18,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="checkpoint folder, transformers Llava folder or Hub id (default: the built-in model)")
-    p.add_argument("--quantize", default="none", choices=["none", "8bit", "4bit"],
-                   help="quantize the LLM for inference (default: none)")
+    p.add_argument("--quantize", default="none",
+                   choices=["none", "8bit", "4bit", "llamacpp-f32", "llamacpp-f16", "llamacpp-q8_0"],
+                   help="quantize the LLM for inference, or decode it in llama.cpp (llamacpp-*: needs "
+                        "llama-cpp-python, `make llamacpp`) (default: none)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: fp32)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="generation length cap (default: 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
