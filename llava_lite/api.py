@@ -300,6 +300,8 @@ class LlavaLite:
         """Answer one question per image, `batch_size` at a time (left-padded generation)."""
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        if self.decoder is not None:  # llama.cpp runs one sequence; its KV prefix reuse still applies
+            return [self.ask(img, q, **gen) for img, q in zip(images, questions, strict=True)]
         kwargs = self._gen_kwargs(**gen)
         answers: list[str] = []
         tok = self.processor.tokenizer
@@ -329,6 +331,8 @@ class LlavaLite:
         """
         if not questions:
             return []
+        if self.decoder is not None:  # one sequence at a time; the shared image prefix is kept
+            return [self.ask(image, q, max_new_tokens=max_new_tokens, do_sample=False) for q in questions]
         if self.image_views([image])[0].bridge_text is not None:  # no shared image block to reuse
             return self.ask_batch([image] * len(questions), questions, max_new_tokens=max_new_tokens)
         prompts = [self.processor.encode_prompt([self.user_message(q)], max_new_tokens=max_new_tokens)

@@ -330,7 +330,7 @@ def markdown(report: dict) -> str:
                  f"{r['decode_tok_s']:.1f}", f"{r['ask_decode_tok_s']:.1f}", f"{r['reference_decode_tok_s']:.1f}",
                  f"{r['ask_decode_tok_s'] / r['reference_decode_tok_s']:.2f}", f"{bound:.1f}",
                  f"{r['decode_tok_s'] / bound:.0%}",
-                 *[f"{r['batch_tok_s'].get(k, float('nan')):.1f}" for k in batch_keys],
+                 *[f"{r['batch_tok_s'][k]:.1f}" if k in r["batch_tok_s"] else "—" for k in batch_keys],
                  f"{r['peak_memory_bytes'] / 1e6:.0f}"]
         rows.append("| " + " | ".join(cells) + " |")
     return head + "\n".join(rows) + "\n"

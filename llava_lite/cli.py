@@ -202,7 +202,8 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--model", default=None, help="checkpoint folder (default: the built-in model)")
     p.add_argument("--quantize", default="fp32,bf16,8bit,4bit",
                    help="comma-separated variants: fp32, bf16, 8bit, 4bit, or a backend (dynamic-int8, bnb-8bit, "
-                        "bnb-4bit, torchao-int8, torchao-int8-weight-only) (default: fp32,bf16,8bit,4bit)")
+                        "bnb-4bit, torchao-int8, torchao-int8-weight-only), or the llama.cpp decoder "
+                        "(llamacpp-f32, llamacpp-q8_0) (default: fp32,bf16,8bit,4bit)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per timing (default: 64)")
     p.add_argument("--repeats", type=int, default=3, help="timings per figure, best kept (default: 3)")
     p.add_argument("--batch-sizes", default="1,4,8", help="batched-throughput sizes (default: 1,4,8)")

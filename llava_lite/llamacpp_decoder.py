@@ -109,7 +109,8 @@ class LlamaCppDecoder:
         if len(keys) >= self.n_ctx:
             raise ConfigError(f"prompt of {len(keys)} positions does not fit llama.cpp's context of {self.n_ctx}")
         keep = 0
-        for a, b in zip(self._keys, keys[:-1]):  # the last position always runs, for its logits
+        # the last position always runs, for its logits
+        for a, b in zip(self._keys, keys[:-1], strict=False):
             if a != b:
                 break
             keep += 1

@@ -9,6 +9,7 @@ from typing import Any
 
 from llava_lite.api import LlavaLite
 from llava_lite.exact_match import evaluate_exact_match
+from llava_lite.llamacpp_decoder import MODES as LLAMACPP_MODES
 from llava_lite.llava_data import write_rows
 from llava_lite.packaged import cache_dir
 from llava_lite.quantize import BACKENDS
@@ -121,7 +122,7 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="a seeded random sample of N questions (default: all)")
     p.add_argument("--scenes", type=int, default=200, help="scenes task: number of held-out scenes (default: 200)")
     p.add_argument("--out", default=None, help="report folder (default: runs/eval/TASK)")
-    p.add_argument("--quantize", default="none", choices=["none", "8bit", "4bit", *BACKENDS],
+    p.add_argument("--quantize", default="none", choices=["none", "8bit", "4bit", *BACKENDS, *LLAMACPP_MODES],
                    help="LLM quantization: 8bit, 4bit or a named backend (default: none)")
     p.add_argument("--max-new-tokens", type=int, default=6,
                    help="answer length cap in the trained and raw forms (default: 6; natural: 32)")
