@@ -48,104 +48,146 @@ def gguf_for(llm, tokenizer, chat_template: str, type_name: str, cache: Path) ->
 
 
 class LlamaCppDecoder:
-    """Greedy or sampled decoding of input embeddings in llama.cpp, one sequence at a time."""
+    """Input-embedding prompts decoded in llama.cpp, in up to `slots` sequences at once.
 
-    def __init__(self, gguf_path: Path, n_ctx: int, n_threads: int | None = None) -> None:
+    Each slot keeps its KV cache and what each position holds (a token id or an image-row
+    key), so a prompt that continues a slot's conversation only prefills its new part.
+    `generate` runs one sequence in slot 0; the server's batcher uses `prefill` and `step`.
+    """
+
+    def __init__(self, gguf_path: Path, n_ctx: int, n_threads: int | None = None, slots: int = 1,
+                 exact_kv: bool = True) -> None:
         try:
-            from llama_cpp import Llama
+            import llama_cpp
         except ImportError as err:
             raise ConfigError("the llama.cpp decoder needs llama-cpp-python: make llamacpp "
                               "(or pip install 'llava-lite[llamacpp]')") from err
-        # f32 KV cache: llama.cpp's default f16 cache moves logits by ~1e-3, enough to flip
-        # near-tied greedy picks against the torch reference
+        llama_cpp.llama_backend_init()
         self.gguf_path = Path(gguf_path)
-        self.llama = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=n_threads, n_batch=512,
-                           type_k=0, type_v=0, verbose=False)
-        self.n_embd = self.llama.n_embd()
-        self.n_vocab = self.llama.n_vocab()
-        self.n_ctx = n_ctx
-        self._keys: list = []  # what each KV position holds (token id or image-row key)
+        self._model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(),
+                                                           llama_cpp.llama_model_default_params())
+        if not self._model:
+            raise ConfigError(f"{gguf_path}: llama.cpp could not load this GGUF")
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = n_ctx * slots, 512, 512, slots
+        params.n_threads = params.n_threads_batch = n_threads or torch.get_num_threads()
+        if exact_kv:
+            # f32 KV cache: llama.cpp's default f16 cache moves logits by ~1e-3, enough to flip
+            # near-tied greedy picks against the torch reference
+            params.type_k = params.type_v = 0
+        self._ctx = llama_cpp.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            raise ConfigError(f"llama.cpp could not make a context of {n_ctx} x {slots} positions")
+        self.n_embd = llama_cpp.llama_model_n_embd(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
+        self.n_ctx = n_ctx  # per slot
+        self.slots: list[list] = [[] for _ in range(slots)]  # what each slot's KV positions hold
         self.last_prefill = 0  # positions the last prompt actually ran (the rest were reused)
         self._lock = threading.Lock()
 
+    def close(self) -> None:
+        import llama_cpp
+
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            llama_cpp.llama_model_free(self._model)
+            self._ctx = self._model = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown may have unloaded the library
+            pass
+
     def reset(self) -> None:
-        """Forget the KV cache (the next prompt prefills from scratch)."""
+        """Forget every slot's KV cache (the next prompt prefills from scratch)."""
         import llama_cpp
 
         with self._lock:
-            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx()), True)
-            self._keys = []
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+            self.slots = [[] for _ in self.slots]
 
-    def _ctx(self):
-        return self.llama._ctx.ctx
-
-    def _decode(self, start: int, rows: np.ndarray | None = None, token: int | None = None) -> None:
-        """Run input-embedding `rows` (n, hidden), or one `token`, at positions from `start`."""
+    def _decode(self, rows: list[tuple[int, int]], embeds: np.ndarray | None = None,
+                tokens: list[int] | None = None, logits_at: set[int] | None = None) -> None:
+        """One llama_decode over (slot, position) `rows`, fed input `embeds` or `tokens`."""
         import llama_cpp
 
-        n = 1 if rows is None else len(rows)
-        batch = llama_cpp.llama_batch_init(n, 0 if rows is None else self.n_embd, 1)
+        n = len(rows)
+        batch = llama_cpp.llama_batch_init(n, 0 if embeds is None else self.n_embd, 1)
         try:
             batch.n_tokens = n
-            for i in range(n):
-                batch.pos[i] = start + i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = i == n - 1
-            if rows is None:
-                batch.token[0] = token
-            else:
-                rows = np.ascontiguousarray(rows, dtype=np.float32)
-                ctypes.memmove(batch.embd, rows.ctypes.data, rows.nbytes)
-            if llama_cpp.llama_decode(self._ctx(), batch) != 0:
-                raise RuntimeError(f"llama.cpp could not decode {n} positions at {start}")
+            for i, (slot, pos) in enumerate(rows):
+                batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0] = pos, 1, slot
+                batch.logits[i] = i in logits_at if logits_at is not None else i == n - 1
+                if tokens is not None:
+                    batch.token[i] = tokens[i]
+            if embeds is not None:
+                embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+                ctypes.memmove(batch.embd, embeds.ctypes.data, embeds.nbytes)
+            if llama_cpp.llama_decode(self._ctx, batch) != 0:
+                raise RuntimeError(f"llama.cpp could not decode {n} positions")
         finally:
             llama_cpp.llama_batch_free(batch)
 
-    def _prefill(self, embeds: np.ndarray, keys: list) -> None:
-        """Bring the KV cache to `keys`, keeping the longest prefix already there."""
+    def shared_prefix(self, slot: int, keys: list) -> int:
+        """How many leading positions of slot `slot` already hold `keys` (the last never counts:
+        it must run for its logits)."""
+        keep = 0
+        for a, b in zip(self.slots[slot], keys[:-1], strict=False):
+            if a != b:
+                break
+            keep += 1
+        return keep
+
+    def prefill(self, slot: int, embeds: np.ndarray, keys: list) -> torch.Tensor:
+        """Bring `slot`'s KV cache to `keys` (keeping the prefix already there); the logits of
+        the last position."""
         import llama_cpp
 
         if len(keys) >= self.n_ctx:
             raise ConfigError(f"prompt of {len(keys)} positions does not fit llama.cpp's context of {self.n_ctx}")
-        keep = 0
-        # the last position always runs, for its logits
-        for a, b in zip(self._keys, keys[:-1], strict=False):
-            if a != b:
-                break
-            keep += 1
-        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx()), 0, keep, -1)
-        self._keys = self._keys[:keep]
+        keep = self.shared_prefix(slot, keys)
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), slot, keep, -1)
+        self.slots[slot] = self.slots[slot][:keep]
         self.last_prefill = len(keys) - keep
         for start in range(keep, len(keys), 512):
-            self._decode(start, rows=embeds[start:start + 512])
-        self._keys = list(keys)
+            chunk = embeds[start:start + 512]
+            self._decode([(slot, start + i) for i in range(len(chunk))], embeds=chunk)
+        self.slots[slot] = list(keys)
+        return self.logits(-1)
 
-    def _step(self, token: int) -> None:
-        self._decode(len(self._keys), token=token)
-        self._keys.append(token)
+    def step(self, slot_tokens: list[tuple[int, int]]) -> torch.Tensor:
+        """Append one token to each listed slot in one forward pass; (rows, vocab) logits."""
+        rows = [(slot, len(self.slots[slot])) for slot, _ in slot_tokens]
+        self._decode(rows, tokens=[t for _, t in slot_tokens], logits_at=set(range(len(rows))))
+        for slot, token in slot_tokens:
+            self.slots[slot].append(token)
+        return torch.stack([self.logits(i) for i in range(len(rows))])
 
-    def _logits(self) -> torch.Tensor:
+    def logits(self, i: int) -> torch.Tensor:
         import llama_cpp
 
-        ptr = llama_cpp.llama_get_logits_ith(self._ctx(), -1)
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)
         return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+
+    def room(self, slot: int) -> int:
+        return self.n_ctx - len(self.slots[slot])
 
     def generate(self, embeds: torch.Tensor, keys: list, max_new_tokens: int, eos_ids: set[int],
                  pick: Callable[[torch.Tensor], int], should_stop: Callable[[], bool] = lambda: False,
                  ) -> Iterator[int]:
-        """Yield new tokens for a prompt given as (positions, hidden) input embeddings; `keys`
-        names each position for KV reuse; `pick` turns logits into the next token."""
+        """Yield new tokens for a prompt given as (positions, hidden) input embeddings, in slot 0;
+        `keys` names each position for KV reuse; `pick` turns logits into the next token."""
         if embeds.shape[-1] != self.n_embd:
             raise ConfigError(f"embeddings of width {embeds.shape[-1]} for an LLM of width {self.n_embd}")
         with self._lock:
-            self._prefill(embeds.detach().float().cpu().numpy(), keys)
+            logits = self.prefill(0, embeds.detach().float().cpu().numpy(), keys)
             for _ in range(max_new_tokens):
-                token = pick(self._logits())
+                token = pick(logits)
                 yield token
-                if token in eos_ids or should_stop() or len(self._keys) + 1 >= self.n_ctx:
+                if token in eos_ids or should_stop() or self.room(0) <= 1:
                     return
-                self._step(token)
+                logits = self.step([(0, token)])[0]
 
 
 def greedy(logits: torch.Tensor) -> int:

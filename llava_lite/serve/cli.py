@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from llava_lite.serve.config import SERVE_QUANTIZE
 from llava_lite.serve.limits import ServeLimits
 
 # flag -> (section, field) of ServeConfig; flags left out keep the config file's value
@@ -64,8 +65,9 @@ def cmd_chat(args) -> int:
 
 def _model_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     p.add_argument("--model", default=None, help="checkpoint folder or Llava folder (default: built-in model)")
-    p.add_argument("--quantize", default="8bit" if defaults else None, choices=["none", "8bit", "4bit"],
-                   help="LLM quantization (default: 8bit)")
+    p.add_argument("--quantize", default="8bit" if defaults else None, choices=list(SERVE_QUANTIZE),
+                   help="LLM quantization, or llamacpp-* to decode in llama.cpp (needs `make llamacpp`) "
+                        "(default: 8bit)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
 
 

@@ -16,6 +16,8 @@ from typing import Any
 from llava_lite.config import ConfigError
 from llava_lite.serve.limits import ServeLimits
 
+# what the server can run: torch none/8bit/4bit, or the llama.cpp decoder (needs llama-cpp-python)
+SERVE_QUANTIZE = ("none", "8bit", "4bit", "llamacpp-f32", "llamacpp-f16", "llamacpp-q8_0")
 
 @dataclass
 class AuthConfig:
@@ -52,8 +54,8 @@ class ServeConfig:
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
 
     def validate(self) -> ServeConfig:
-        if self.quantize not in ("none", "8bit", "4bit"):
-            raise ConfigError(f"quantize={self.quantize!r}; use none, 8bit or 4bit")
+        if self.quantize not in SERVE_QUANTIZE:
+            raise ConfigError(f"quantize={self.quantize!r}; use one of {', '.join(SERVE_QUANTIZE)}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port={self.port} is not a TCP port")
         if self.shutdown_grace_s < 0:

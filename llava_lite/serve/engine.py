@@ -65,7 +65,12 @@ class ChatEngine:
         self._lock = threading.Lock()
         self._cancel = threading.Event()
         # One decode batch for every live conversation, as wide as the generations allowed at once.
-        self.batcher = ContinuousBatcher(lite, max_batch=self.limits.concurrency, cancel_all=self._cancel)
+        if lite.decoder is not None:  # quantize="llamacpp-*": llama.cpp slots instead of a torch batch
+            from llava_lite.llamacpp_batching import LlamaCppBatcher
+
+            self.batcher = LlamaCppBatcher(lite, max_batch=self.limits.concurrency, cancel_all=self._cancel)
+        else:
+            self.batcher = ContinuousBatcher(lite, max_batch=self.limits.concurrency, cancel_all=self._cancel)
         # called with each finished generation's stats (metrics); must not raise
         self.on_finish: list[Callable[[GenerationStats], None]] = []
 
