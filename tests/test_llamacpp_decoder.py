@@ -106,3 +106,36 @@ def test_llamacpp_batcher_follow_up_reuses_its_slot_and_close_leaves_others(pair
     gens[0].close()
     assert gens[0].finish_reason == "stop" and len(gens[0].tokens) < 15
     assert "".join(gens[1]).strip() == ref.chat(m3, images=i3, max_new_tokens=15)
+
+
+def test_chat_engine_serves_concurrent_requests_through_llama_cpp_slots(tiny_lite, images, tmp_path, monkeypatch):
+    """The server's engine picks the llama.cpp batcher for a llamacpp-* model; concurrent
+    requests decode together (f16 KV, as served) and stay within their limits."""
+    import io
+    import threading
+
+    from llava_lite.llamacpp_batching import LlamaCppBatcher
+    from llava_lite.serve.engine import ChatEngine, ChatRequest
+    from llava_lite.serve.limits import ServeLimits
+
+    monkeypatch.setenv("LLAVA_LITE_CACHE", str(tmp_path / "cache"))
+    engine = ChatEngine(tiny_lite(lora=True, seed=7).quantize("llamacpp-q8_0"), ServeLimits(max_new_tokens=8))
+    assert isinstance(engine.batcher, LlamaCppBatcher)
+    pngs = []
+    for img in images:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    results: list = [None] * 4
+
+    def run(k: int) -> None:
+        req = ChatRequest([{"role": "user", "content": f"<image>\nquestion {k}?"}], [pngs[k]])
+        results[k] = engine.complete(req)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(r is not None and 0 < r[1].completion_tokens <= 8 for r in results)
+    assert engine.batcher.rows_stepped / engine.batcher.steps > 1.0  # they shared decode steps
