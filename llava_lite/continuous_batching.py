@@ -204,30 +204,39 @@ class ContinuousBatcher:
 
     def _admit(self, gen: Generation) -> None:
         """Prefill one conversation, emit its first token and, unless done, add it to the batch."""
-        lite = self.lite
         try:
             if reason := self._stop_reason(gen):
                 gen._end(reason)
                 return
-            ids, embeds, keys = lite._prepare(gen.messages, gen.images, gen.max_new_tokens)
+            ids, embeds, keys = self.lite._prepare(gen.messages, gen.images, gen.max_new_tokens)
             gen.prompt_ids, gen.image_keys = ids, keys
-            cache, reused = lite.prompt_cache.take(ids, keys)
-            if cache is None:
-                cache, reused = DynamicCache(config=lite.model.llm.config), 0
-            input_ids = torch.tensor([ids], device=lite.device)
-            embeds = lite.model.embed(input_ids, embeds)[:, reused:]
-            out = lite.model.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1,
-                                 **with_cache(cache))
-            token = self._sample([gen], out.logits[:, -1])[0]
+            token, state = self._prefill(gen, ids, embeds, keys)
         except Exception as err:  # this request's failure only; the batch goes on
             log.exception("prefill failed")
             gen._end("error", err)
             return
         with self._lock:
             if not self._emit(gen, token):
-                self._batch.join(gen, output_cache(out), token, lite.device)
+                self._join(gen, state, token)
             else:
-                lite.prompt_cache.put(ids + gen.tokens, keys, output_cache(out))
+                self._done_at_prefill(gen, state)
+
+    def _prefill(self, gen: Generation, ids: list[int], embeds, keys: list[str]):
+        """(first token, the row's KV cache), reusing a cached prefix of the prompt."""
+        lite = self.lite
+        cache, reused = lite.prompt_cache.take(ids, keys)
+        if cache is None:
+            cache, reused = DynamicCache(config=lite.model.llm.config), 0
+        input_ids = torch.tensor([ids], device=lite.device)
+        embeds = lite.model.embed(input_ids, embeds)[:, reused:]
+        out = lite.model.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **with_cache(cache))
+        return self._sample([gen], out.logits[:, -1])[0], output_cache(out)
+
+    def _join(self, gen: Generation, cache, token: int) -> None:
+        self._batch.join(gen, cache, token, self.lite.device)
+
+    def _done_at_prefill(self, gen: Generation, cache) -> None:
+        self.lite.prompt_cache.put(gen.prompt_ids + gen.tokens, gen.image_keys, cache)
 
     def _step(self) -> None:
         batch = self._batch
@@ -238,11 +247,7 @@ class ContinuousBatcher:
                                       **with_cache(batch.cache))
             tokens = self._sample(batch.gens, out.logits[:, -1])
         except Exception as err:  # a failed step fails every row in it
-            log.exception("decode step failed")
-            with self._lock:
-                for gen in batch.gens:
-                    gen._end("error", err)
-                batch.keep([])
+            self._fail_step(err)
             return
         self.steps += 1
         self.rows_stepped += len(batch)
@@ -258,6 +263,13 @@ class ContinuousBatcher:
                     live.append(row)
             if len(live) < len(batch):
                 batch.keep(live)
+
+    def _fail_step(self, err: Exception) -> None:
+        log.exception("decode step failed")
+        with self._lock:
+            for gen in self._batch.gens:
+                gen._end("error", err)
+            self._batch.keep([])
 
     def _sample(self, gens: Sequence[Generation], logits: torch.Tensor) -> list[int]:
         tokens = logits.argmax(-1).tolist()

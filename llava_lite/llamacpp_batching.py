@@ -9,7 +9,6 @@ prompt, so a follow-up turn prefills only what is new.
 
 from __future__ import annotations
 
-import logging
 import threading
 
 import torch
@@ -17,8 +16,6 @@ import torch
 from llava_lite.continuous_batching import ContinuousBatcher, Generation
 from llava_lite.llamacpp_chat import position_keys
 from llava_lite.llamacpp_decoder import LlamaCppDecoder
-
-log = logging.getLogger("llava_lite.batching")
 
 
 class _Rows:
@@ -62,27 +59,22 @@ class LlamaCppBatcher(ContinuousBatcher):
         free = [s for s in range(self.max_batch) if s not in busy]
         return max(free, key=lambda s: self.decoder.shared_prefix(s, keys))
 
-    def _admit(self, gen: Generation) -> None:
+    def _prefill(self, gen: Generation, ids: list[int], embeds, keys: list[str]):
+        """(first token, the slot it now holds)."""
         lite = self.lite
-        try:
-            if reason := self._stop_reason(gen):
-                gen._end(reason)
-                return
-            ids, embeds, keys = lite._prepare(gen.messages, gen.images, gen.max_new_tokens)
-            prompt = lite.model.embed(torch.tensor([ids]), embeds)[0].float().numpy()
-            pos = position_keys(ids, lite.processor.image_token_id, keys, 0 if embeds is None else embeds.shape[1])
-            with self._lock:
-                slot = self._free_slot(pos)
-            with self.decoder._lock:
-                logits = self.decoder.prefill(slot, prompt, pos)
-            token = self._sample([gen], logits[None])[0]
-        except Exception as err:  # this request's failure only; the batch goes on
-            log.exception("prefill failed")
-            gen._end("error", err)
-            return
+        prompt = lite.model.embed(torch.tensor([ids]), embeds)[0].float().numpy()
+        pos = position_keys(ids, lite.processor.image_token_id, keys, 0 if embeds is None else embeds.shape[1])
         with self._lock:
-            if not self._emit(gen, token):
-                self._batch.join(gen, slot, token)
+            slot = self._free_slot(pos)
+        with self.decoder._lock:
+            logits = self.decoder.prefill(slot, prompt, pos)
+        return self._sample([gen], logits[None])[0], slot
+
+    def _join(self, gen: Generation, slot: int, token: int) -> None:
+        self._batch.join(gen, slot, token)
+
+    def _done_at_prefill(self, gen: Generation, slot: int) -> None:
+        pass  # the slot keeps its positions for a follow-up; nothing to hand back
 
     def _step(self) -> None:
         rows = self._batch
@@ -91,11 +83,7 @@ class LlamaCppBatcher(ContinuousBatcher):
                 logits = self.decoder.step(list(zip(rows.slots, rows.last, strict=True)))
             tokens = self._sample(rows.gens, logits)
         except Exception as err:  # a failed step fails every row in it
-            log.exception("decode step failed")
-            with self._lock:
-                for gen in rows.gens:
-                    gen._end("error", err)
-                rows.keep([])
+            self._fail_step(err)
             return
         self.steps += 1
         self.rows_stepped += len(rows)
