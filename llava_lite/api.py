@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria
 
 from llava_lite.checkpoint import build_model, is_checkpoint, load_checkpoint, load_model_folder, save_checkpoint
 from llava_lite.config import LlavaLiteConfig
@@ -22,6 +21,7 @@ from llava_lite.modeling import LlavaLiteModel
 from llava_lite.processor import LlavaLiteProcessor
 from llava_lite.prompt_cache import PromptCache, common_prefix_len
 from llava_lite.prompting import ConversationError
+from llava_lite.streaming import StopOnEvent, reply_chunks
 
 CAPTION_PROMPT = "Describe the image in one sentence."
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "demo-model"
@@ -257,7 +257,7 @@ class LlavaLite:
         generated: list[torch.Tensor] = []
         cancel = threading.Event()
         criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
-        criteria.append(_StopOnEvent(cancel))
+        criteria.append(StopOnEvent(cancel))
 
         def run() -> None:
             try:
@@ -383,23 +383,3 @@ class LlavaLite:
 
     def caption_batch(self, images: Sequence[ImageInput], batch_size: int = 8, **gen) -> list[str]:
         return self.ask_batch(images, [CAPTION_PROMPT] * len(images), batch_size=batch_size, **gen)
-
-
-def reply_chunks(chunks: Iterable[str]) -> Iterator[str]:
-    """A streamer's text chunks as a reply: leading whitespace stripped, empty chunks dropped."""
-    first = True
-    for chunk in chunks:
-        if first:
-            chunk, first = chunk.lstrip(), False
-        if chunk:
-            yield chunk
-
-
-class _StopOnEvent(StoppingCriteria):
-    """A stopping criterion that ends generation once `event` is set."""
-
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)

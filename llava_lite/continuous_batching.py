@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, TemperatureLogitsWarper, TextIteratorStreamer, TopPLogitsWarper
 
-from llava_lite.api import reply_chunks
 from llava_lite.llm import output_cache, with_cache
+from llava_lite.streaming import reply_chunks
 
 log = logging.getLogger("llava_lite.batching")
 
@@ -148,6 +148,7 @@ class ContinuousBatcher:
         self.max_batch = max_batch
         self.cancel_all = cancel_all or threading.Event()
         self._pending: list[Generation] = []
+        self._admitting: list[Generation] = []
         self._batch = _Batch()
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
@@ -183,9 +184,10 @@ class ContinuousBatcher:
         except BaseException as err:  # a bug here must not leave readers waiting forever
             log.exception("batch worker failed")
             with self._lock:
-                for gen in self._pending + self._batch.gens:
-                    gen._end("error", err)
-                self._pending, self._worker = [], None
+                for gen in self._pending + self._admitting + self._batch.gens:
+                    if gen.finish_reason is None:
+                        gen._end("error", err)
+                self._pending, self._admitting, self._worker = [], [], None
                 self._batch.keep([])
 
     def _round(self) -> bool:
@@ -196,8 +198,11 @@ class ContinuousBatcher:
                 return False
             room = self.max_batch - len(self._batch)
             admit, self._pending = self._pending[:room], self._pending[room:]
+            self._admitting = admit  # neither pending nor in the batch: a crash must still end them
         for gen in admit:
             self._admit(gen)
+        with self._lock:
+            self._admitting = []
         if self._batch.gens:
             self._step()
         return True

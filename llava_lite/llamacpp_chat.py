@@ -14,6 +14,7 @@ import torch
 
 from llava_lite.config import ConfigError
 from llava_lite.llamacpp_decoder import MODES, LlamaCppDecoder, gguf_for, greedy, sampler
+from llava_lite.streaming import reply_chunks
 
 # generate() options this path honours; anything else is refused rather than ignored
 SUPPORTED = {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "eos_token_id",
@@ -92,7 +93,6 @@ def reply(lite, ids, embeds, keys, kwargs) -> str:
 def stream(lite, ids, embeds, keys, kwargs) -> Iterator[str]:
     """Text chunks as tokens arrive; a byte-level token that ends mid-character waits for the
     next one. Closing the generator stops decoding at the next token."""
-    from llava_lite.api import reply_chunks
 
     def chunks() -> Iterator[str]:
         out: list[int] = []

@@ -72,9 +72,10 @@ class LlamaCppDecoder:
         params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = n_ctx * slots, 512, 512, slots
         params.n_threads = params.n_threads_batch = n_threads or torch.get_num_threads()
         if exact_kv:
-            # f32 KV cache: llama.cpp's default f16 cache moves logits by ~1e-3, enough to flip
-            # near-tied greedy picks against the torch reference
+            # f32 KV cache and no flash attention (its CPU kernel rounds K and V to f16): either
+            # moves logits by ~1e-3, enough to flip near-tied greedy picks against torch
             params.type_k = params.type_v = 0
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self._ctx = llama_cpp.llama_init_from_model(self._model, params)
         if not self._ctx:
             raise ConfigError(f"llama.cpp could not make a context of {n_ctx} x {slots} positions")

@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from llava_lite.benchmark import markdown, memory_bandwidth_gbs, run_variant
+from llava_lite.bench_report import markdown
+from llava_lite.benchmark import memory_bandwidth_gbs, run_variant
 
 
 def test_bench_variant_on_a_tiny_clip_model(tiny_lite, tmp_path):

@@ -128,3 +128,18 @@ def test_a_bad_request_fails_alone_and_the_worker_ends_when_idle(lite):
     while batcher._worker is not None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert batcher._worker is None and batcher.active == 0
+
+
+def test_a_worker_crash_during_admission_ends_that_generation_too(lite, monkeypatch):
+    """A bug past a request's own error handling (here: joining the batch) must not leave the
+    generation being admitted, neither pending nor in the batch, waiting forever."""
+    (m, i), = _conversations()[:1]
+    batcher = ContinuousBatcher(lite, max_batch=2)
+
+    def broken_join(*args):
+        raise RuntimeError("join failed")
+
+    monkeypatch.setattr(batcher, "_join", broken_join)
+    gen = batcher.submit(m, i, max_new_tokens=5)
+    assert gen.wait(timeout=30), "the generation was left hanging"
+    assert gen.finish_reason == "error" and "join failed" in str(gen.error)

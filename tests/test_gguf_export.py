@@ -44,6 +44,7 @@ def siglip_lite(tiny_config, tiny_siglip_dir):
 
     config = tiny_config(lora=True)
     config.vision.model_id = str(tiny_siglip_dir)
+    torch.manual_seed(5)  # peft draws LoRA A from the global generator: fix it, whatever ran before
     model, processor = build_model(config, seed=5)
     randomize_lora(model.llm, 5)
     with torch.no_grad():  # a projector strong enough that the image decides the reply

@@ -7,9 +7,11 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 
 from llava_lite import LlavaLite
 from llava_lite.config import ConfigError
+from llava_lite.llamacpp_chat import tokens
 
 QUESTION = "What is in the picture?"
 pytestmark = pytest.mark.slow
@@ -19,6 +21,7 @@ pytestmark = pytest.mark.slow
 def pair(tiny_lite, tmp_path, monkeypatch):
     """(torch reference, llama.cpp f32) on the same tiny CLIP + Llama weights."""
     monkeypatch.setenv("LLAVA_LITE_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(7)  # peft draws LoRA A from the global generator: fix it, whatever ran before
     base = tiny_lite(lora=True, seed=7)
     ref = LlavaLite(copy.deepcopy(base.model), base.processor, source="torch").merge_lora()
     fast = base.quantize("llamacpp-f32")
@@ -26,11 +29,31 @@ def pair(tiny_lite, tmp_path, monkeypatch):
     return ref, fast
 
 
-def test_replies_match_torch_greedy_for_each_image(pair, images):
+def _greedy_under_torch(ref, messages, images, tokens: list[int], tol: float = 1e-5) -> bool:
+    """Whether `tokens` is torch's greedy continuation up to float noise: teacher-forced, each
+    chosen token's logit is within `tol` of the best (relative to that step's largest |logit|).
+    Random tiny models have near-ties that 1e-6 differences in summation order can flip; exact
+    equality on the real model is measured by `llava-lite eval` (300/300 easy-VQA answers)."""
+    ids, embeds, _ = ref._prepare(messages, images, len(tokens))
+    with torch.no_grad():
+        full = ref.model.embed(torch.tensor([ids + tokens[:-1]]), embeds)
+        logits = ref.model.llm(inputs_embeds=full).logits[0, len(ids) - 1:]
+    gaps = [logits[t].max() - logits[t, tok] for t, tok in enumerate(tokens)]
+    return all(bool(gap <= tol * logits[t].abs().max()) for t, gap in enumerate(gaps))
+
+
+def _llamacpp_tokens(fast, messages, images, n: int) -> list[int]:
+    ids, embeds, keys = fast._prepare(messages, images, n)
+    opts = fast._gen_kwargs(max_new_tokens=n, min_new_tokens=n)
+    return list(tokens(fast, ids, embeds, keys, opts))
+
+
+def test_replies_follow_torch_greedy_for_each_image(pair, images):
     ref, fast = pair
-    replies = [fast.ask(img, QUESTION, max_new_tokens=10, min_new_tokens=10) for img in images[:3]]
-    assert replies == [ref.ask(img, QUESTION, max_new_tokens=10, min_new_tokens=10) for img in images[:3]]
-    assert len(set(replies)) > 1  # the images reach the decoder
+    runs = [_llamacpp_tokens(fast, [fast.user_message(QUESTION)], [img], 10) for img in images[:3]]
+    assert all(_greedy_under_torch(ref, [ref.user_message(QUESTION)], [img], toks)
+               for img, toks in zip(images[:3], runs, strict=True))
+    assert len({tuple(t) for t in runs}) > 1  # the images reach the decoder
 
 
 def test_streaming_joins_to_the_reply_and_can_stop_early(pair, images):
@@ -52,7 +75,9 @@ def test_a_follow_up_turn_prefills_only_its_new_part(pair, images):
     ids, _, _ = fast._prepare(turn2, [images[1]], 6)
     second = fast.chat(turn2, images=[images[1]], max_new_tokens=6, min_new_tokens=6)
     assert 0 < fast.decoder.last_prefill < len(ids) - 40  # the image and the first turn were kept
-    assert second == ref.chat(turn2, images=[images[1]], max_new_tokens=6, min_new_tokens=6)
+    assert second == fast.processor.tokenizer.decode(_llamacpp_tokens(fast, turn2, [images[1]], 6),
+                                                     skip_special_tokens=True).strip()
+    assert _greedy_under_torch(ref, turn2, [images[1]], _llamacpp_tokens(fast, turn2, [images[1]], 6))
 
 
 def test_sampling_runs_and_unknown_options_are_refused(pair, images):
@@ -74,18 +99,15 @@ def test_llamacpp_batcher_rows_equal_one_at_a_time_and_join_mid_flight(pair, ima
     ref, fast = pair
     convs = _conversations(ref, images)
     lengths = [3, 14, 7, 12, 1, 9]
-    expected = [ref.chat(m, images=i, max_new_tokens=n, min_new_tokens=n)
-                for (m, i), n in zip(convs, lengths, strict=True)]
     batcher = LlamaCppBatcher(fast, max_batch=4, exact_kv=True)  # 6 conversations through 4 slots
     first = [batcher.submit(m, i, max_new_tokens=n) for (m, i), n in zip(convs[:3], lengths[:3], strict=True)]
     next(iter(first[1]))  # running: the rest join mid-flight
     late = [batcher.submit(m, i, max_new_tokens=n) for (m, i), n in zip(convs[3:], lengths[3:], strict=True)]
     for gen in first + late:
         gen.wait()
-    decode = fast.processor.tokenizer.decode
-    got = [decode(g.tokens, skip_special_tokens=True).strip() for g in first + late]
-    # eos can end a row early; min_new_tokens kept the references going, so compare prefixes
-    assert all(e.startswith(g) and g for g, e in zip(got, expected, strict=True))
+    gens = first + late
+    assert all(0 < len(g.tokens) <= n for g, n in zip(gens, lengths, strict=True))
+    assert all(_greedy_under_torch(ref, m, i, g.tokens) for (m, i), g in zip(convs, gens, strict=True))
     assert batcher.rows_stepped / batcher.steps > 1.5  # rows really decoded together
 
 
@@ -98,14 +120,16 @@ def test_llamacpp_batcher_follow_up_reuses_its_slot_and_close_leaves_others(pair
     reply = "".join(batcher.submit(m, i, max_new_tokens=6)).strip()
     follow = m + [{"role": "assistant", "content": reply}, {"role": "user", "content": "and the size?"}]
     ids, _, _ = fast._prepare(follow, i, 6)
-    got = "".join(batcher.submit(follow, i, max_new_tokens=6)).strip()
+    second = batcher.submit(follow, i, max_new_tokens=6)
+    second.wait()
     assert fast.decoder.last_prefill < len(ids) - 40  # the image and first turn stayed in the slot
-    assert got == ref.chat(follow, images=i, max_new_tokens=6)
+    assert _greedy_under_torch(ref, follow, i, second.tokens)
     gens = [batcher.submit(mm, ii, max_new_tokens=15) for mm, ii in ((m2, i2), (m3, i3))]
     next(iter(gens[0]))
     gens[0].close()
     assert gens[0].finish_reason == "stop" and len(gens[0].tokens) < 15
-    assert "".join(gens[1]).strip() == ref.chat(m3, images=i3, max_new_tokens=15)
+    gens[1].wait()
+    assert _greedy_under_torch(ref, m3, i3, gens[1].tokens)
 
 
 def test_chat_engine_serves_concurrent_requests_through_llama_cpp_slots(tiny_lite, images, tmp_path, monkeypatch):
