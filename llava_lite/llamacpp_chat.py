@@ -36,7 +36,10 @@ def attach(lite, mode: str) -> str:
         lite.merge_lora()
     template = export_chat_template(lite.processor.tokenizer.chat_template, lite.config, image_text=MEDIA_MARKER)
     path = gguf_for(lite.model.llm, lite.processor.tokenizer, template, MODES[mode], cache_dir() / "gguf")
-    lite.decoder = LlamaCppDecoder(path, n_ctx=lite.config.max_length, n_threads=torch.get_num_threads())
+    # f32 is the mode that matches torch (f32 KV, no flash attention); f16 and q8_0 are for
+    # speed and take llama.cpp's own defaults (f16 KV, flash attention where it helps)
+    lite.decoder = LlamaCppDecoder(path, n_ctx=lite.config.max_length, n_threads=torch.get_num_threads(),
+                                   exact_kv=mode == "llamacpp-f32")
     return mode
 
 
