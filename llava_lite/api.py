@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from llava_lite.checkpoint import build_model, is_checkpoint, load_checkpoint, load_model_folder, save_checkpoint
-from llava_lite.config import LlavaLiteConfig
+from llava_lite.config import LLAMACPP_MODES, LlavaLiteConfig
 from llava_lite.image_cache import ImageEmbedCache
 from llava_lite.image_views import ImageView, bridge_messages, image_views
 from llava_lite.images import ImageInput
@@ -125,8 +125,6 @@ class LlavaLite:
     def quantize(self, mode: str) -> LlavaLite:
         """Quantize the LLM for inference (`8bit`, `4bit` or a `llava_lite.quantize` backend), or with a `llamacpp-*`
         mode decode in llama.cpp instead (chat, ask and caption; batches stay in torch)."""
-        from llava_lite.llamacpp_decoder import MODES as LLAMACPP_MODES
-
         if mode in LLAMACPP_MODES:
             from llava_lite.llamacpp_chat import attach
 

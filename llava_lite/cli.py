@@ -12,6 +12,8 @@ import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from llava_lite.config import LLAMACPP_MODES
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -19,7 +21,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="checkpoint folder, transformers Llava folder or Hub id (default: the built-in model)")
     p.add_argument("--quantize", default="none",
-                   choices=["none", "8bit", "4bit", "llamacpp-f32", "llamacpp-f16", "llamacpp-q8_0"],
+                   choices=["none", "8bit", "4bit", *LLAMACPP_MODES],
                    help="quantize the LLM for inference, or decode it in llama.cpp (llamacpp-*: needs "
                         "llama-cpp-python, `make llamacpp`) (default: none)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: fp32)")

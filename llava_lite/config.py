@@ -10,6 +10,9 @@ from typing import Any
 CONFIG_FORMAT_VERSION = 1
 
 
+# `quantize` modes that decode the LLM in llama.cpp -> the GGUF storage of its matrices
+LLAMACPP_MODES = {"llamacpp-f32": "f32", "llamacpp-f16": "f16", "llamacpp-q8_0": "q8_0"}
+
 class ConfigError(ValueError):
     """A configuration file or value is invalid."""
 

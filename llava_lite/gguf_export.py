@@ -18,6 +18,11 @@ from llava_lite.lora import merged_copy
 MEDIA_MARKER = "<__media__>"
 
 
+def gguf_chat_template(processor, config) -> str:
+    """The chat template llama.cpp gets: llava-lite's rendering, images at libmtmd's marker."""
+    return export_chat_template(processor.tokenizer.chat_template, config, image_text=MEDIA_MARKER)
+
+
 def export_gguf(model, processor, out_dir: str | Path, type_name: str = "f16",
                 llm_only: bool = False) -> dict[str, Path]:
     """Write `model` for llama.cpp; returns {"llm": path, "mmproj": path} (no mmproj if `llm_only`).
@@ -33,7 +38,7 @@ def export_gguf(model, processor, out_dir: str | Path, type_name: str = "f16",
         raise ConfigError(f"export-gguf: {why}. Pass --llm-only to write the language model alone")
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    template = export_chat_template(processor.tokenizer.chat_template, model.config, image_text=MEDIA_MARKER)
+    template = gguf_chat_template(processor, model.config)
     merged = merged_copy(llm)
     paths = {"llm": write_llm_gguf(merged, processor.tokenizer, template, folder / f"llm-{out.name}.gguf", out)}
     if not llm_only:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import threading
 
-import torch
-
 from llava_lite.continuous_batching import ContinuousBatcher, Generation
-from llava_lite.llamacpp_chat import position_keys
+from llava_lite.llamacpp_chat import prompt_inputs
 from llava_lite.llamacpp_decoder import LlamaCppDecoder
 
 
@@ -61,9 +59,7 @@ class LlamaCppBatcher(ContinuousBatcher):
 
     def _prefill(self, gen: Generation, ids: list[int], embeds, keys: list[str]):
         """(first token, the slot it now holds)."""
-        lite = self.lite
-        prompt = lite.model.embed(torch.tensor([ids]), embeds)[0].float().numpy()
-        pos = position_keys(ids, lite.processor.image_token_id, keys, 0 if embeds is None else embeds.shape[1])
+        prompt, pos = prompt_inputs(self.lite, ids, embeds, keys)
         with self._lock:
             slot = self._free_slot(pos)
         with self.decoder._lock:

@@ -6,14 +6,14 @@ only the LLM's forward passes move to llama.cpp.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
-from llava_lite.config import ConfigError
-from llava_lite.llamacpp_decoder import MODES, LlamaCppDecoder, gguf_for, greedy, sampler
+from llava_lite.config import LLAMACPP_MODES, ConfigError
+from llava_lite.llamacpp_decoder import LlamaCppDecoder, gguf_for, greedy, sampler
 from llava_lite.streaming import reply_chunks
 
 # generate() options this path honours; anything else is refused rather than ignored
@@ -23,24 +23,31 @@ SUPPORTED = {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "to
 
 def attach(lite, mode: str) -> str:
     """Merge LoRA, export the LLM to the GGUF cache (once) and decode with llama.cpp."""
-    from llava_lite.gguf_export import MEDIA_MARKER
-    from llava_lite.hf_interop import export_chat_template
+    from llava_lite.gguf_export import gguf_chat_template
     from llava_lite.lora import is_peft
     from llava_lite.packaged import cache_dir
 
-    if mode not in MODES:
-        raise ConfigError(f"unknown llama.cpp mode {mode!r}; choose one of {sorted(MODES)}")
+    if mode not in LLAMACPP_MODES:
+        raise ConfigError(f"unknown llama.cpp mode {mode!r}; choose one of {sorted(LLAMACPP_MODES)}")
     if lite.device.type != "cpu":
         raise ConfigError(f"{mode} is a CPU decoder; on CUDA use 'bnb-8bit'")
     if is_peft(lite.model.llm):
         lite.merge_lora()
-    template = export_chat_template(lite.processor.tokenizer.chat_template, lite.config, image_text=MEDIA_MARKER)
-    path = gguf_for(lite.model.llm, lite.processor.tokenizer, template, MODES[mode], cache_dir() / "gguf")
+    template = gguf_chat_template(lite.processor, lite.config)
+    path = gguf_for(lite.model.llm, lite.processor.tokenizer, template, LLAMACPP_MODES[mode], cache_dir() / "gguf")
     # f32 is the mode that matches torch (f32 KV, no flash attention); f16 and q8_0 are for
     # speed and take llama.cpp's own defaults (f16 KV, flash attention where it helps)
     lite.decoder = LlamaCppDecoder(path, n_ctx=lite.config.max_length, n_threads=torch.get_num_threads(),
                                    exact_kv=mode == "llamacpp-f32")
     return mode
+
+
+def prompt_inputs(lite, ids: list[int], embeds, keys: list[str]) -> tuple[np.ndarray, list]:
+    """(input embeddings as float32 rows, what each position holds) for a prepared prompt."""
+    with torch.no_grad():
+        rows = lite.model.embed(torch.tensor([ids]), embeds)[0].float().cpu().numpy()
+    per_image = 0 if embeds is None else embeds.shape[1]
+    return rows, position_keys(ids, lite.processor.image_token_id, keys, per_image)
 
 
 def position_keys(ids: list[int], image_token_id: int, image_keys: list[str], per_image: int) -> list:
@@ -70,22 +77,15 @@ def _picker(kwargs: dict[str, Any], eos: set[int]):
     return choose
 
 
-def tokens(lite, ids: list[int], embeds, keys: list[str], kwargs: dict[str, Any],
-           stop: threading.Event | None = None) -> Iterator[int]:
+def tokens(lite, ids: list[int], embeds, keys: list[str], kwargs: dict[str, Any]) -> Iterator[int]:
     """New token ids for a prepared prompt (from `LlavaLite._prepare`)."""
     unknown = set(kwargs) - SUPPORTED
     if unknown:
         raise ConfigError(f"the llama.cpp decoder does not support {sorted(unknown)}")
     eos = kwargs.get("eos_token_id")
     eos = set(eos) if isinstance(eos, (list, tuple)) else {eos} - {None}
-    input_ids = torch.tensor([ids])
-    with torch.no_grad():
-        prompt = lite.model.embed(input_ids, embeds)[0]
-    per_image = 0 if embeds is None else embeds.shape[1]
-    pos = position_keys(ids, lite.processor.image_token_id, keys, per_image)
-    stop = stop or threading.Event()
-    yield from lite.decoder.generate(prompt, pos, kwargs["max_new_tokens"], eos, _picker(kwargs, eos),
-                                     should_stop=stop.is_set)
+    prompt, pos = prompt_inputs(lite, ids, embeds, keys)
+    yield from lite.decoder.generate(prompt, pos, kwargs["max_new_tokens"], eos, _picker(kwargs, eos))
 
 
 def reply(lite, ids, embeds, keys, kwargs) -> str:

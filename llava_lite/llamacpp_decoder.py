@@ -22,9 +22,6 @@ import torch
 
 from llava_lite.config import ConfigError
 
-# exact mode names -> the GGUF storage type of the LLM's matrices
-MODES = {"llamacpp-f32": "f32", "llamacpp-f16": "f16", "llamacpp-q8_0": "q8_0"}
-
 
 def weights_digest(llm) -> str:
     """A content hash of the LLM's weights: the cache key of its GGUF (~1 s next to an export's ~10)."""
@@ -174,19 +171,18 @@ class LlamaCppDecoder:
     def room(self, slot: int) -> int:
         return self.n_ctx - len(self.slots[slot])
 
-    def generate(self, embeds: torch.Tensor, keys: list, max_new_tokens: int, eos_ids: set[int],
-                 pick: Callable[[torch.Tensor], int], should_stop: Callable[[], bool] = lambda: False,
-                 ) -> Iterator[int]:
+    def generate(self, embeds: np.ndarray, keys: list, max_new_tokens: int, eos_ids: set[int],
+                 pick: Callable[[torch.Tensor], int]) -> Iterator[int]:
         """Yield new tokens for a prompt given as (positions, hidden) input embeddings, in slot 0;
         `keys` names each position for KV reuse; `pick` turns logits into the next token."""
         if embeds.shape[-1] != self.n_embd:
             raise ConfigError(f"embeddings of width {embeds.shape[-1]} for an LLM of width {self.n_embd}")
         with self._lock:
-            logits = self.prefill(0, embeds.detach().float().cpu().numpy(), keys)
+            logits = self.prefill(0, embeds, keys)
             for _ in range(max_new_tokens):
                 token = pick(logits)
                 yield token
-                if token in eos_ids or should_stop() or self.room(0) <= 1:
+                if token in eos_ids or self.room(0) <= 1:
                     return
                 logits = self.step([(0, token)])[0]
 

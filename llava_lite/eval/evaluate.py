@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from llava_lite.api import LlavaLite
+from llava_lite.config import LLAMACPP_MODES
 from llava_lite.exact_match import evaluate_exact_match
-from llava_lite.llamacpp_decoder import MODES as LLAMACPP_MODES
 from llava_lite.llava_data import write_rows
 from llava_lite.packaged import cache_dir
 from llava_lite.quantize import BACKENDS

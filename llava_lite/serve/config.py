@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from llava_lite.config import ConfigError
+from llava_lite.config import LLAMACPP_MODES, ConfigError
 from llava_lite.serve.limits import ServeLimits
 
 # what the server can run: torch none/8bit/4bit, or the llama.cpp decoder (needs llama-cpp-python)
-SERVE_QUANTIZE = ("none", "8bit", "4bit", "llamacpp-f32", "llamacpp-f16", "llamacpp-q8_0")
+SERVE_QUANTIZE = ("none", "8bit", "4bit", *LLAMACPP_MODES)
 
 @dataclass
 class AuthConfig:
