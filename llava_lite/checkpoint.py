@@ -124,21 +124,30 @@ def is_model_folder(path: str | Path) -> bool:
     return is_checkpoint(path) or (Path(path).is_dir() and is_llava_hf(path))
 
 
-def save_checkpoint(model: LlavaLiteModel, out_dir: str | Path, save_llm: bool = False, tokenizer=None) -> Path:
+def save_checkpoint(model: LlavaLiteModel, out_dir: str | Path, save_llm: bool = False, tokenizer=None,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a checkpoint folder atomically (a temp folder renamed into place).
 
     `save_llm` writes the full LLM weights too (needed once LoRA is merged or the LLM itself
-    was trained); otherwise the LLM is referenced by `config.llm.model_id`.
+    was trained); otherwise the LLM is referenced by `config.llm.model_id`. `weights` gives
+    the projector and LoRA tensors by their names in `model.state_dict()`, for a model whose
+    own are sharded (train/sharding.py).
     """
     out = Path(out_dir)
     config = model.config
     if config.label_bridge.enabled and model.domain_gate is None:
         raise ValueError("config has label_bridge.enabled but the model has no fitted domain gate")
     with atomic_dir(out) as tmp:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.projector.state_dict().items()}
+        if weights is None:
+            state = model.projector.state_dict()
+        else:
+            state = {k.removeprefix("projector."): v for k, v in weights.items() if k.startswith("projector.")}
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(state, str(tmp / PROJECTOR_NAME), metadata={"format": "pt"})
         if is_peft(model.llm):
-            model.llm.save_pretrained(str(tmp / ADAPTER_DIR))
+            llm_state = None if weights is None else {
+                k.removeprefix("llm."): v for k, v in weights.items() if k.startswith("llm.")}
+            model.llm.save_pretrained(str(tmp / ADAPTER_DIR), state_dict=llm_state)
         if model.domain_gate is not None:
             model.domain_gate.save(tmp / GATE_NAME)
         if save_llm or config.llm_subfolder:

@@ -21,11 +21,18 @@ class LogitScale(nn.Module):
 
     def __init__(self, init: float = INIT_LOGIT_SCALE, max_log: float = MAX_LOGIT_SCALE) -> None:
         super().__init__()
-        self.log_scale = nn.Parameter(torch.tensor(float(init)))
+        # One element rather than a scalar: FSDP2 cannot shard a 0-d parameter.
+        self.log_scale = nn.Parameter(torch.tensor([float(init)]))
         self.max_log = max_log
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.clamp(max=self.max_log).exp()
+        return self.log_scale.clamp(max=self.max_log).exp().squeeze(0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        key = prefix + "log_scale"
+        if key in state_dict and state_dict[key].dim() == 0:  # saved before it had one element
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def clip_loss(

@@ -305,3 +305,30 @@ def test_text_only_rows_distil_to_the_base_llm(tiny_lite, images, tmp_path):
 def test_distill_text_needs_lora(tiny_recipe):
     with pytest.raises(ConfigError, match="distill_text needs lora"):
         tiny_recipe("align.distill_text=true")
+
+
+def test_tensorboard_tracking_writes_loss_lr_and_throughput(tiny_recipe, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = tiny_recipe("report_to=tensorboard", "align.eval=[]")
+    run_recipe(recipe, ["align"], tmp_path, progress=False)
+    stage = tmp_path / "1-align"
+    events = list((stage / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events, f"no event files under {stage / 'tensorboard'}"
+    acc = EventAccumulator(str(events[0].parent)).Reload()
+    logged = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    metrics = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    for tag, key in (("train/loss", "loss"), ("train/projector_lr", "projector_lr"),
+                     ("train/tokens_per_s", "tokens_per_s"), ("train/samples_per_s", "samples_per_s")):
+        assert [s for s, _ in logged[tag]] == [m["step"] for m in metrics]
+        assert [v for _, v in logged[tag]] == pytest.approx([m[key] for m in metrics], rel=1e-6)
+
+
+def test_report_to_is_checked(tiny_recipe, monkeypatch):
+    from llava_lite.train import tracking
+
+    with pytest.raises(ConfigError, match="report_to='mlflow'"):
+        tiny_recipe("report_to=mlflow").validate()
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="needs the wandb package"):
+        tracking.tracker("wandb")

@@ -29,7 +29,7 @@ def cmd_train(args) -> int:
 
         ignored = [flag for flag, used in (("--resume", args.resume), ("--stage", args.stage != "all"),
                                            ("--init", args.init), ("--skip-bad", args.skip_bad),
-                                           ("--publish", args.publish)) if used]
+                                           ("--publish", args.publish), ("--report-to", args.report_to)) if used]
         if ignored:  # the dual-encoder trainer has one stage and none of these
             print(f"llava-lite train: error: {', '.join(ignored)} do(es) not apply to the CLIP recipe "
                   f"{recipe.name!r}", file=sys.stderr)
@@ -42,6 +42,9 @@ def cmd_train(args) -> int:
         return 0
     if args.skip_bad:
         recipe.skip_bad = True
+    if args.report_to:
+        recipe.report_to = args.report_to
+        recipe.validate()
     stages = list(STAGES) if args.stage == "all" else [args.stage]
     output = Path(args.output or f"runs/{recipe.name}")
     try:
@@ -65,7 +68,7 @@ def cmd_train(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from llava_lite.train.recipe import STAGES
+    from llava_lite.train.recipe import REPORT_TO, STAGES
 
     p = sub.add_parser(
         "train", help="run a training recipe (align -> adapter -> instruct -> bridge)",
@@ -85,8 +88,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="continue from the newest checkpoint (model, optimizer, scheduler, RNG, data position)")
     p.add_argument("--skip-bad", action="store_true", help="drop malformed rows (counted) instead of failing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--report-to", choices=REPORT_TO, default=None,
+                   help="also log loss, learning rate and throughput to this tracker, in OUTPUT/STAGE/tensorboard "
+                        "for tensorboard (default: the recipe's report_to, none)")
     p.add_argument("--publish", metavar="DIR", help="also write the final model to DIR as a compact fp16 checkpoint "
                    "(llava_lite/assets/demo-model is the built-in default model)")
     p.add_argument("--list", action="store_true", help="list the recipes and exit")
     p.add_argument("overrides", nargs="*", help="recipe overrides as key=value (values parsed as JSON)")
     p.set_defaults(func=cmd_train)
+
+    from llava_lite.train.bench_train import register as register_bench_train
+
+    register_bench_train(sub)

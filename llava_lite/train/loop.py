@@ -8,6 +8,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,20 @@ from llava_lite.llava_data import DataValidationError, encode_rows, load_rows
 from llava_lite.lora import add_lora, is_peft
 from llava_lite.packaged import cache_dir
 from llava_lite.prompting import IGNORE_INDEX
+from llava_lite.train import sharding
 from llava_lite.train.batching import BatchSchedule
 from llava_lite.train.distill import token_losses
 from llava_lite.train.packing import pack_rows, single
 from llava_lite.train.precision import resolve_precision
 from llava_lite.train.prefix_attention import prefix_attention
 from llava_lite.train.recipe import StageConfig, TrainRecipe
-from llava_lite.train.state import MODEL_DIR, clean_partial, latest_checkpoint, load_train_state
+from llava_lite.train.state import (
+    MODEL_DIR,
+    clean_partial,
+    latest_checkpoint,
+    load_train_state,
+    read_extra_tensors,
+)
 from llava_lite.train.stepping import (  # noqa: F401 - the exceptions are part of this module's interface
     METRICS,
     StageData,
@@ -37,6 +45,7 @@ from llava_lite.train.stepping import (  # noqa: F401 - the exceptions are part 
     TrainingInterrupted,
     train_loop,
 )
+from llava_lite.train.tracking import tracked_config, tracker
 
 STAGE_DONE = "stage.json"
 
@@ -52,6 +61,8 @@ class TrainModule(nn.Module):
         self.model = model
         self.logit_scale = LogitScale() if contrastive else None
         self.distill = distill  # text-only rows learn the base LLM's distribution (train/distill.py)
+        # accelerate's FSDP wraps the classes named here as its shard units: the LLM's layers.
+        self._no_split_modules = list(getattr(model.llm, "_no_split_modules", None) or [])
 
     def forward(self, input_ids, attention_mask, labels, vision_features=None, pixel_values=None,
                 position_ids=None, pack_layout=None):
@@ -161,17 +172,24 @@ def _trim_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(k + "\n" for k in keep))
 
 
-def _accelerator(recipe: TrainRecipe, stage: StageConfig, stage_name: str):
+def _accelerator(recipe: TrainRecipe, stage: StageConfig, stage_name: str, out: Path):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
     # A micro-batch of text-only rows leaves the projector unused; DDP must allow that.
     precision, why = resolve_precision(recipe.precision)
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
                               cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+                              log_with=tracker(recipe.report_to),
+                              project_config=ProjectConfiguration(project_dir=str(out),
+                                                                  logging_dir=str(out / "tensorboard")))
+    sharding.configure(accelerator)
     if accelerator.is_main_process:
         print(f"[{stage_name}] precision {precision} ({why})", flush=True)
+        if sharding.is_sharded(accelerator):
+            print(f"[{stage_name}] FSDP2: parameters, gradients and optimizer state sharded over "
+                  f"{accelerator.num_processes} processes", flush=True)
     if recipe.num_threads:
         torch.set_num_threads(recipe.num_threads)
     set_seed(recipe.seed)
@@ -188,7 +206,7 @@ def _accelerator(recipe: TrainRecipe, stage: StageConfig, stage_name: str):
 def _setup(recipe: TrainRecipe, stage_name: str, out: Path, init_from: Path | None, progress: bool) -> StageRun:
     """Model, data and cached features, in the order that keeps runs reproducible."""
     stage = recipe.stage(stage_name)
-    accelerator = _accelerator(recipe, stage, stage_name)
+    accelerator = _accelerator(recipe, stage, stage_name, out)
     main = accelerator.is_main_process
     model, processor = build_stage_model(recipe, stage, init_from)
     if recipe.gradient_checkpointing:
@@ -215,19 +233,30 @@ def _setup(recipe: TrainRecipe, stage_name: str, out: Path, init_from: Path | No
     return run
 
 
-def _resume(run: StageRun, resume: bool) -> int:
-    """The step to start from: 0, or the newest checkpoint's (its weights and state loaded)."""
+def _resume(run: StageRun, resume: bool) -> Path | None:
+    """The checkpoint to resume from (its weights loaded into the unsharded model), or None."""
     clean_partial(run.ckpt_root)
     last = latest_checkpoint(run.ckpt_root) if resume else None
     if not resume and run.ckpt_root.is_dir() and any(run.ckpt_root.iterdir()):
         raise ConfigError(f"{run.out}: holds checkpoints of an earlier run; pass --resume or choose another --output")
-    start = 0
     if last is not None:
         _load_model_weights(run.module, last / MODEL_DIR)
-        meta, extra = load_train_state(last, run.optimizer, run.scheduler)
-        if "logit_scale" in extra and run.module.logit_scale is not None:
-            run.module.logit_scale.log_scale.data.copy_(extra["logit_scale"])
-        start = meta["step"]
+        scale = read_extra_tensors(last).get("logit_scale")
+        if scale is not None and run.module.logit_scale is not None:
+            run.module.logit_scale.log_scale.data.copy_(scale)
+    return last
+
+
+def _restore_state(run: StageRun, last: Path | None) -> int:
+    """After `prepare`: the checkpoint's optimizer, scheduler, RNG and temperature; the step to
+    start from. The optimizer state loads into shards under FSDP, so it waits for `prepare`."""
+    start = 0
+    if last is not None:
+        if sharding.is_sharded(run.accelerator):
+            load = partial(sharding.load_optimizer_state, run.module, run.optimizer)
+        else:
+            load = run.optimizer.load_state_dict
+        start = load_train_state(last, load, run.scheduler)[0]["step"]
         if run.main:
             print(f"[{run.name}] resumed from {last} at step {start}/{run.total}")
     metrics_path = run.out / METRICS
@@ -241,17 +270,24 @@ def _resume(run: StageRun, resume: bool) -> int:
 
 
 def _finish(run: StageRun, result: dict[str, Any], progress: bool) -> None:
-    """The final model, the loss plot and the stage-end evaluation (main process)."""
+    """The final model, the loss plot and the stage-end evaluation. Every process calls it
+    (FSDP gathers the weights); the main process writes and evaluates."""
     from llava_lite.eval.evaluate import run_stage_eval
     from llava_lite.train.plots import plot_loss
 
-    run.unwrapped.model.eval()
+    weights = sharding.gather_weights(run.module)[0] if sharding.is_sharded(run.accelerator) else None
+    if not run.main:
+        return
+    model = run.unwrapped.model
+    model.eval()
     if run.stage.fit_domain_gate:
         _fit_domain_gate(run)
-    save_checkpoint(run.unwrapped.model, run.out / MODEL_DIR)
+    save_checkpoint(model, run.out / MODEL_DIR, weights=weights)
+    if weights is not None:  # a sharded model cannot run in one process: evaluate what was saved
+        model, _ = load_model_folder(run.out / MODEL_DIR)
     plot_loss(run.out / METRICS, run.out / "loss.png", title=f"{run.recipe.name}: {run.name}")
     t_eval = time.perf_counter()
-    result["eval"] = run_stage_eval(run.unwrapped.model, run.processor, run.stage.eval, run.out, progress=progress)
+    result["eval"] = run_stage_eval(model, run.processor, run.stage.eval, run.out, progress=progress)
     result["eval_seconds"] = round(time.perf_counter() - t_eval, 2)
 
 
@@ -281,19 +317,26 @@ def train_stage(
     wall0 = time.perf_counter()
     out = Path(out_dir)
     run = _setup(recipe, stage_name, out, init_from, progress)
-    start = _resume(run, resume)
+    last = _resume(run, resume)
     run.module, run.optimizer = run.accelerator.prepare(run.module, run.optimizer)
     run.unwrapped = run.accelerator.unwrap_model(run.module)
+    start = _restore_state(run, last)
     t_train = time.perf_counter()
-    last_loss = train_loop(run, start, progress)  # NaN when no step ran (resumed at the end)
+    if recipe.report_to != "none":
+        run.accelerator.init_trackers(f"{recipe.name}-{stage_name}", config=tracked_config(recipe, stage_name))
+    try:
+        last_loss = train_loop(run, start, progress)  # NaN when no step ran (resumed at the end)
+    finally:  # not accelerator.end_training(): it also ends the process group the next stage needs
+        for active in run.accelerator.trackers:
+            active.finish()
     result: dict[str, Any] = {"stage": stage_name, "steps": run.total, "resumed_from": start,
                               "final_loss": None if math.isnan(last_loss) else last_loss,
                               "train_seconds": round(time.perf_counter() - t_train, 2),
                               "feature_cache_seconds": round(run.cache_seconds, 2), "rows": run.data.num_rows,
                               "packs": len(run.data.rows), "skipped_rows": len(run.data.problems),
                               "mixed_precision": str(run.accelerator.mixed_precision)}
+    _finish(run, result, progress)
     if run.main:
-        _finish(run, result, progress)
         result["wall_seconds"] = round(time.perf_counter() - wall0, 2)
         (out / STAGE_DONE).write_text(json.dumps(result, indent=2) + "\n")
     run.accelerator.wait_for_everyone()

@@ -11,6 +11,7 @@ from llava_lite.config import ConfigError, LlavaLiteConfig
 STAGES = ("align", "adapter", "instruct", "bridge")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PACK_ATTENTION = ("prefix", "mask")
+REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 @dataclass
@@ -95,6 +96,9 @@ class TrainRecipe:
     skip_bad: bool = False
     feature_batch_size: int = 32
     num_threads: int | None = None
+    # Experiment tracking through accelerate's trackers, beside metrics.jsonl: "tensorboard"
+    # writes event files to OUTPUT/STAGE/tensorboard, "wandb" needs the wandb package.
+    report_to: str = "none"
 
     def stage(self, name: str) -> StageConfig:
         if name not in STAGES:
@@ -105,6 +109,8 @@ class TrainRecipe:
         self.model.validate()
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r}; use one of {PRECISIONS}")
+        if self.report_to not in REPORT_TO:
+            raise ConfigError(f"report_to={self.report_to!r}; use one of {REPORT_TO}")
         if self.pack_attention not in PACK_ATTENTION:
             raise ConfigError(f"pack_attention={self.pack_attention!r}; use one of {PACK_ATTENTION}")
         if self.save_every <= 0 or self.keep_last <= 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,7 @@ STATE_JSON = "train_state.json"
 MODEL_DIR = "model"
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = optimizer.state_dict()
+def _optimizer_tensors(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
     for idx, slots in sd["state"].items():
@@ -38,13 +38,16 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 
 
 def save_train_state(
-    ckpt_root: Path, step: int, model, optimizer, scheduler, extra: dict[str, Any], keep_last: int,
-    extra_tensors: dict[str, torch.Tensor] | None = None,
+    ckpt_root: Path, step: int, model, optimizer_state: dict[str, Any], scheduler, extra: dict[str, Any],
+    keep_last: int, extra_tensors: dict[str, torch.Tensor] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
+    """One checkpoint: the model (`weights` when its own are sharded), an unsharded
+    `optimizer.state_dict()`, the scheduler, RNG and data position."""
     final = ckpt_root / f"step-{step:07d}"
     with atomic_dir(final) as tmp:
-        save_checkpoint(model, tmp / MODEL_DIR)
-        tensors, optim_meta = _optimizer_tensors(optimizer)
+        save_checkpoint(model, tmp / MODEL_DIR, weights=weights)
+        tensors, optim_meta = _optimizer_tensors(optimizer_state)
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             for i, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -99,8 +102,10 @@ def clean_partial(ckpt_root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def load_train_state(ckpt: Path, optimizer, scheduler) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Restore optimizer, scheduler and RNG; return (metadata, extra tensors)."""
+def load_train_state(ckpt: Path, load_optimizer: Callable[[dict[str, Any]], None],
+                     scheduler) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Restore optimizer (through `load_optimizer`, given an unsharded state dict), scheduler and
+    RNG; return (metadata, extra tensors)."""
     meta = json.loads((ckpt / STATE_JSON).read_text())
     tensors = load_file(str(ckpt / STATE_TENSORS))
     sd = {"state": {}, "param_groups": meta["optimizer"]["param_groups"]}
@@ -111,7 +116,7 @@ def load_train_state(ckpt: Path, optimizer, scheduler) -> tuple[dict[str, Any], 
     for key, value in meta["optimizer"]["scalars"].items():
         idx, slot = key.split(".", 1)
         sd["state"].setdefault(int(idx), {})[slot] = value
-    optimizer.load_state_dict(sd)
+    load_optimizer(sd)
     scheduler.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
     if torch.cuda.is_available():
@@ -119,5 +124,13 @@ def load_train_state(ckpt: Path, optimizer, scheduler) -> tuple[dict[str, Any], 
         if states:
             torch.cuda.set_rng_state_all(states)
     random.setstate(_tuplify(meta["python_random"]))
-    extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
-    return meta, extra
+    return meta, _extra(tensors)
+
+
+def read_extra_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The extra tensors a checkpoint holds beside the model (e.g. the contrastive temperature)."""
+    return _extra(load_file(str(ckpt / STATE_TENSORS)))
+
+
+def _extra(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}

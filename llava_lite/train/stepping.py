@@ -19,12 +19,14 @@ from tqdm.auto import tqdm
 from llava_lite.feature_cache import FeatureCache
 from llava_lite.images import load_image
 from llava_lite.prompting import IGNORE_INDEX
+from llava_lite.train import sharding
 from llava_lite.train.batching import BatchSchedule, shard
 from llava_lite.train.packing import Pack, pack_attention
 from llava_lite.train.precision import frozen_linear_weights
 from llava_lite.train.prefix_attention import layout_of
 from llava_lite.train.recipe import StageConfig, TrainRecipe
 from llava_lite.train.state import latest_checkpoint, save_train_state
+from llava_lite.train.tracking import tracked
 
 METRICS = "metrics.jsonl"
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -123,12 +125,20 @@ def collate(packs: list[Pack], processor, cache: FeatureCache | None, tower, pac
 
 
 def save_step(run: StageRun, step: int) -> None:
-    if run.main:
-        extra = {}
+    """A checkpoint of `step`; under FSDP every process takes part in gathering it."""
+    weights, scale = None, None
+    if sharding.is_sharded(run.accelerator):
+        weights, scale = sharding.gather_weights(run.module)
+        optimizer_state = sharding.gather_optimizer_state(run.module, run.optimizer)
+    elif run.main:
+        optimizer_state = run.optimizer.state_dict()
         if run.unwrapped.logit_scale is not None:
-            extra["logit_scale"] = run.unwrapped.logit_scale.log_scale.detach()
-        save_train_state(run.ckpt_root, step, run.unwrapped.model, run.optimizer, run.scheduler,
-                         {"stage": run.name, "total_steps": run.total}, run.recipe.keep_last, extra)
+            scale = run.unwrapped.logit_scale.log_scale.detach()
+    if run.main:
+        extra = {} if scale is None else {"logit_scale": scale}
+        save_train_state(run.ckpt_root, step, run.unwrapped.model, optimizer_state, run.scheduler,
+                         {"stage": run.name, "total_steps": run.total}, run.recipe.keep_last, extra,
+                         weights=weights)
     run.accelerator.wait_for_everyone()
 
 
@@ -183,7 +193,8 @@ def _record(run: StageRun, step: int, loss: float, con: torch.Tensor, grad_norm:
     record = {"stage": run.name, "step": step + 1, "loss": round(loss, 6),
               "lr": lrs.get("lora"), "projector_lr": lrs.get("projector"),
               "grad_norm": round(grad_norm, 5), "samples_per_s": round(run.stage.batch_size / dt, 3),
-              "tokens": n_tokens, "step_s": round(dt, 3), "elapsed_s": round(elapsed, 2)}
+              "tokens": n_tokens, "tokens_per_s": round(n_tokens / dt, 2), "step_s": round(dt, 3),
+              "elapsed_s": round(elapsed, 2)}
     if run.stage.contrastive_weight > 0:
         record["contrastive"] = round(con.item(), 6)
     return record
@@ -197,7 +208,8 @@ def fast_paths(run: StageRun):
     from peft.helpers import disable_input_dtype_casting
 
     dtype = HALF.get(str(run.accelerator.mixed_precision))
-    if dtype is None:
+    # Under FSDP the weights are shards, and its mixed-precision policy already computes in dtype.
+    if dtype is None or sharding.is_sharded(run.accelerator):
         yield
         return
     llm = run.unwrapped.model.llm
@@ -221,6 +233,7 @@ def train_loop(run: StageRun, start: int, progress: bool) -> float:
                 record = _record(run, step, last_loss, con, grad_norm, n_tokens, dt, time.perf_counter() - t_train)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+                run.accelerator.log(tracked(record), step=step + 1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", samples_s=f"{run.stage.batch_size / dt:.1f}")
                 bar.update(1)
             done = step + 1
