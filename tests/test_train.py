@@ -332,3 +332,32 @@ def test_report_to_is_checked(tiny_recipe, monkeypatch):
     monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match="needs the wandb package"):
         tracking.tracker("wandb")
+
+
+def test_deepspeed_launch_is_refused_not_dropped(monkeypatch):
+    """accelerate drops a DeepSpeed config on CPU without a word; training says why it stops."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from llava_lite.train import sharding
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="DeepSpeed is not supported.*fsdp.yaml"):
+        sharding.configure(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    with pytest.raises(ConfigError, match="DeepSpeed is not supported"):
+        sharding.configure(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))
+    sharding.configure(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))  # plain DDP: untouched
+
+
+def test_gradient_checkpointing_gives_the_same_losses_on_packed_rows(tiny_recipe, tmp_path):
+    """The adapter stage packs rows under prefix attention; recomputed layers must attend the same
+    way (they once fell back to plain SDPA in backward and checkpointing failed)."""
+    runs = {}
+    for flag in ("false", "true"):
+        recipe = tiny_recipe(f"gradient_checkpointing={flag}", "align.eval=[]", "adapter.eval=[]")
+        assert recipe.adapter.pack_shared_prefix
+        run_recipe(recipe, ["align", "adapter"], tmp_path / flag, progress=False)
+        runs[flag] = _losses(tmp_path / flag / "2-adapter")
+    assert runs["true"] == pytest.approx(runs["false"], rel=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -56,15 +57,19 @@ def cmd_train(args) -> int:
     except TrainingInterrupted as err:
         print(f"\nllava-lite train: {err}", file=sys.stderr)
         return 130
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary per launch, not one per process
+        _report(summary, last_model_dir(recipe, output, stages), args.publish)
+    return 0
+
+
+def _report(summary: dict, final: Path, publish_to: str | None) -> None:
     print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "eval"} if isinstance(v, dict) else v)
                       for k, v in summary.items()}, indent=2))
-    final = last_model_dir(recipe, output, stages)
     print(f"done: final model in {final}")
-    if args.publish:
+    if publish_to:
         from llava_lite.train.publish import publish
 
-        print(f"published (fp16 weights) to {publish(final, args.publish)}")
-    return 0
+        print(f"published (fp16 weights) to {publish(final, publish_to)}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -27,16 +27,24 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() == "true"
 
 
+DEEPSPEED_UNSUPPORTED = (
+    "DeepSpeed is not supported by llava-lite's training step: its engine owns gradient accumulation, "
+    "clipping and a partitioned optimizer state that the step and its checkpoints do not hand it. "
+    "Shard with FSDP2 instead (accelerate launch --config_file train/accelerate/fsdp.yaml ...), "
+    "which shards the same state as ZeRO-3; see train/deepspeed/README.md"
+)
+
+
 def configure(accelerator) -> None:
-    """Honour an FSDP (or refuse a DeepSpeed) launch config that accelerate ignores on CPU."""
+    """Honour an FSDP launch config that accelerate ignores on CPU; refuse DeepSpeed anywhere
+    (on CPU accelerate would drop it silently, on a GPU the step would misuse its engine)."""
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
+    if accelerator.distributed_type == DistributedType.DEEPSPEED or _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        raise ConfigError(DEEPSPEED_UNSUPPORTED)
     if accelerator.distributed_type != DistributedType.MULTI_CPU:
         return
-    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
-        raise ConfigError("DeepSpeed runs only on GPUs through accelerate (it ignores it on CPU); "
-                          "launch with train/accelerate/fsdp.yaml or plain data parallel instead")
     if not _env_flag("ACCELERATE_USE_FSDP"):
         return
     plugin = FullyShardedDataParallelPlugin()

@@ -23,7 +23,7 @@ from llava_lite.train import sharding
 from llava_lite.train.batching import BatchSchedule, shard
 from llava_lite.train.packing import Pack, pack_attention
 from llava_lite.train.precision import frozen_linear_weights
-from llava_lite.train.prefix_attention import layout_of
+from llava_lite.train.prefix_attention import layout_of, prefix_attention
 from llava_lite.train.recipe import StageConfig, TrainRecipe
 from llava_lite.train.state import latest_checkpoint, save_train_state
 from llava_lite.train.tracking import tracked
@@ -223,7 +223,11 @@ def train_loop(run: StageRun, start: int, progress: bool) -> float:
     bar = tqdm(total=run.total, initial=start, desc=run.name, unit="step", disable=not (progress and run.main))
     t_train, last_loss = time.perf_counter(), float("nan")
     run.module.train()
-    with StopFlag() as stop, fast_paths(run), open(run.out / METRICS, "a") if run.main else nullcontext() as log:
+    # Packed rows' attention stays selected for the whole loop, not only inside each forward:
+    # gradient checkpointing recomputes the layers during backward, and must attend the same way.
+    packed = run.stage.pack_shared_prefix and run.recipe.pack_attention == "prefix"
+    scope = prefix_attention(run.unwrapped.model.llm) if packed else nullcontext()
+    with StopFlag() as stop, fast_paths(run), scope, open(run.out / METRICS, "a") if run.main else nullcontext() as log:
         for step in range(start, run.total):
             t_step = time.perf_counter()
             last_loss, con, n_tokens = _accumulate(run, step)
