@@ -148,3 +148,18 @@ def test_sharded_run_killed_and_resumed_ends_like_an_uninterrupted_one(runs, tmp
         got, want = _metrics(run, stage), _metrics(full, stage)
         assert [r["step"] for r in got] == list(range(1, 9))
         assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-5)
+
+
+def test_fsdp_under_bf16_trains_packed_rows_like_one_process(tmp_path, tiny_llm_dir, tiny_clip_dir):
+    """FSDP2's mixed precision rebuilds dataclass inputs; the packed rows' layout must reach every
+    layer as the one object (it once arrived as per-layer copies, and the stage refused to run)."""
+    args = [*_args(tiny_llm_dir, tiny_clip_dir, steps=3), "precision=bf16"]
+    _run([*_one(), *args, "--output", str(tmp_path / "one")])
+    log = _run([*_fsdp(), *args, "--output", str(tmp_path / "fsdp")])
+    assert log.count(SHARDED) == 3
+    for stage in STAGES:
+        a = [r["loss"] for r in _metrics(tmp_path / "one", stage)]
+        b = [r["loss"] for r in _metrics(tmp_path / "fsdp", stage)]
+        # FSDP computes with bf16 copies of the weights, autocast casts per op: bf16 noise
+        # (measured: within 6e-4 relative)
+        assert b == pytest.approx(a, rel=3e-3)

@@ -75,9 +75,11 @@ def build(parts: Parts, device: torch.device, dtype: torch.dtype, attention: str
     from llava_lite.registry import PROJECTORS
     from llava_lite.vision.clip import CLIPTower
 
+    # Built directly in `dtype` on the device: a 7B LLM made in fp32 first would need 27 GB.
     with torch.device(device):
-        vision = CLIPVisionModel(CLIPVisionConfig(**parts.vision, attn_implementation=attention)).to(dtype)
-        llm = LlamaForCausalLM(LlamaConfig(**parts.llm, attn_implementation=attention)).to(dtype)
+        vision = CLIPVisionModel._from_config(CLIPVisionConfig(**parts.vision, attn_implementation=attention),
+                                              dtype=dtype)
+        llm = LlamaForCausalLM._from_config(LlamaConfig(**parts.llm, attn_implementation=attention), dtype=dtype)
         size = parts.vision["image_size"]
         processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         tower = CLIPTower(vision, processor, feature_layer=-2, strategy="patch")
@@ -248,7 +250,8 @@ def decode_figures(parts: Parts, device: torch.device, prompt: int) -> dict[str,
     from transformers import LlamaConfig, LlamaForCausalLM
 
     with torch.device(device):
-        llm = LlamaForCausalLM(LlamaConfig(**parts.llm, attn_implementation="sdpa")).to(torch.bfloat16).eval()
+        llm = LlamaForCausalLM._from_config(LlamaConfig(**parts.llm, attn_implementation="sdpa"),
+                                            dtype=torch.bfloat16).eval()
     out: dict[str, Any] = {"bf16": time_decode(llm, device, prompt)}
     if device.type != "cuda":
         out["8bit"] = "skipped: bitsandbytes LLM.int8() decode is timed on CUDA GPUs only"

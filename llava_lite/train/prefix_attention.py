@@ -15,7 +15,7 @@ otherwise, so generation and unpacked rows are unchanged.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,14 +43,19 @@ class _PackIndex:
     token_slot: torch.Tensor  # (B * L,) each token's suffix slot, or N * S (none) for the rest
 
 
-@dataclass
 class PackLayout:
     """Per token of a right-padded batch: 0 for the shared prefix (or an unpacked row), k >= 1
-    for the k-th suffix, -1 for padding. Indexes along the batch like a tensor."""
+    for the k-th suffix, -1 for padding. Indexes along the batch like a tensor.
 
-    segments: torch.Tensor  # (B, L) long
-    calls: int = 0  # attention layers that used this layout (0 after a forward: it was ignored)
-    _index: _Index | None = field(default=None, repr=False)
+    A plain class, not a dataclass: FSDP2's mixed precision casts a forward's inputs by
+    rebuilding every dataclass it finds, which would hand each layer a copy (its own `calls`
+    and index) instead of this one object.
+    """
+
+    def __init__(self, segments: torch.Tensor) -> None:
+        self.segments = segments  # (B, L) long
+        self.calls = 0  # attention layers that used this layout (0 after a forward: it was ignored)
+        self._index: _Index | None = None
 
     def __getitem__(self, rows: torch.Tensor) -> PackLayout:
         return PackLayout(self.segments[rows])
