@@ -256,7 +256,7 @@ def _restore_state(run: StageRun, last: Path | None) -> int:
             load = partial(sharding.load_optimizer_state, run.module, run.optimizer)
         else:
             load = run.optimizer.load_state_dict
-        start = load_train_state(last, load, run.scheduler)[0]["step"]
+        start = load_train_state(last, load, run.scheduler)["step"]
         if run.main:
             print(f"[{run.name}] resumed from {last} at step {start}/{run.total}")
     metrics_path = run.out / METRICS

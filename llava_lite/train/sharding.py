@@ -71,17 +71,18 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().cpu()
 
 
-def checkpoint_keys(model: torch.nn.Module) -> list[str]:
-    """The state-dict names a llava-lite checkpoint holds: the projector and the LoRA weights."""
-    return [k for k in model.state_dict() if k.startswith("projector.") or ".lora_" in k]
+def checkpoint_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    """The names in a model's state dict that a llava-lite checkpoint holds: the projector and
+    the LoRA weights."""
+    return [k for k in state if k.startswith("projector.") or ".lora_" in k]
 
 
 def gather_weights(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Full CPU copies of a sharded TrainModule's checkpointed tensors: (the projector and LoRA
     weights by their names in `module.model.state_dict()`, the contrastive temperature or None).
     A collective: every process calls it and gets the result."""
-    weights = module.model.state_dict()
-    weights = {k: _full(weights[k]) for k in checkpoint_keys(module.model)}
+    state = module.model.state_dict()
+    weights = {k: _full(state[k]) for k in checkpoint_keys(state)}
     scale = None if module.logit_scale is None else _full(module.logit_scale.log_scale)
     return weights, scale
 
@@ -107,15 +108,11 @@ def gather_optimizer_state(module: torch.nn.Module, optimizer) -> dict[str, Any]
 
 def load_optimizer_state(module: torch.nn.Module, optimizer, state_dict: dict[str, Any]) -> None:
     """Load an unsharded (numbered) optimizer state into the sharded optimizer."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    # The names, in param-group order, come from the live optimizer itself.
-    live = get_optimizer_state_dict(module, _inner(optimizer), options=StateDictOptions(full_state_dict=True))
-    names = [name for group in live["param_groups"] for name in group["params"]]
+    # The parameters' names, in param-group order (FSDP2 keeps the module's own names).
+    name_of = {id(p): name for name, p in module.named_parameters()}
+    names = [name_of[id(p)] for group in _inner(optimizer).param_groups for p in group["params"]]
     if len(names) != sum(len(g["params"]) for g in state_dict["param_groups"]):
         raise ConfigError("checkpoint optimizer state does not match this stage's trainable parameters")
     groups = [{**saved, "params": [names[i] for i in saved["params"]]} for saved in state_dict["param_groups"]]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from llava_lite.atomic import atomic_dir
@@ -102,10 +103,9 @@ def clean_partial(ckpt_root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def load_train_state(ckpt: Path, load_optimizer: Callable[[dict[str, Any]], None],
-                     scheduler) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def load_train_state(ckpt: Path, load_optimizer: Callable[[dict[str, Any]], None], scheduler) -> dict[str, Any]:
     """Restore optimizer (through `load_optimizer`, given an unsharded state dict), scheduler and
-    RNG; return (metadata, extra tensors)."""
+    RNG; return the metadata."""
     meta = json.loads((ckpt / STATE_JSON).read_text())
     tensors = load_file(str(ckpt / STATE_TENSORS))
     sd = {"state": {}, "param_groups": meta["optimizer"]["param_groups"]}
@@ -124,13 +124,11 @@ def load_train_state(ckpt: Path, load_optimizer: Callable[[dict[str, Any]], None
         if states:
             torch.cuda.set_rng_state_all(states)
     random.setstate(_tuplify(meta["python_random"]))
-    return meta, _extra(tensors)
+    return meta
 
 
 def read_extra_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The extra tensors a checkpoint holds beside the model (e.g. the contrastive temperature)."""
-    return _extra(load_file(str(ckpt / STATE_TENSORS)))
-
-
-def _extra(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    """The extra tensors a checkpoint holds beside the model (e.g. the contrastive temperature),
+    read without loading its optimizer state."""
+    with safe_open(str(ckpt / STATE_TENSORS), framework="pt") as f:
+        return {k.removeprefix("extra."): f.get_tensor(k) for k in f.keys() if k.startswith("extra.")}
