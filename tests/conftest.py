@@ -79,6 +79,25 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_text_dir(tmp_path_factory):
+    """A tiny random BERT with MiniLM's real tokenizer, as a transformers folder. Without
+    dropout, so several processes train it exactly like one."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from llava_lite.packaged import minilm_folder
+
+    tok = AutoTokenizer.from_pretrained(minilm_folder())
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64,
+                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    out = tmp_path_factory.mktemp("tiny-bert")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def tiny_config(tiny_clip_dir, tiny_llm_dir):
     from llava_lite.config import LlavaLiteConfig, LLMConfig, LoraConfig, ProjectorConfig, VisionConfig

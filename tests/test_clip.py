@@ -61,23 +61,6 @@ def test_temperature_is_clamped_at_100():
     assert MAX_LOGIT_SCALE == pytest.approx(math.log(100.0))
 
 
-@pytest.fixture(scope="module")
-def tiny_text_dir(tmp_path_factory):
-    """A tiny random BERT with MiniLM's real tokenizer, as a transformers folder."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from llava_lite.packaged import minilm_folder
-
-    tok = AutoTokenizer.from_pretrained(minilm_folder())
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                 num_attention_heads=2, intermediate_size=64))
-    out = tmp_path_factory.mktemp("tiny-bert")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 @pytest.fixture
 def tiny_dual(tiny_clip_dir, tiny_text_dir):
     from llava_lite.config import VisionConfig
@@ -170,7 +153,7 @@ def test_clip_recipe_trains_saves_and_serves_the_cli(tiny_clip_dir, tiny_text_di
     from llava_lite.config import VisionConfig
     from llava_lite.dual_encoder import DualEncoderConfig, TextEncoderConfig
     from llava_lite.train.clip_recipe import ClipRecipe
-    from llava_lite.train.clip_train import run_clip_recipe
+    from llava_lite.train.clip_stage import run_clip_recipe
     from llava_lite.train.recipe import apply_overrides
 
     recipe = ClipRecipe(
@@ -200,6 +183,60 @@ def test_clip_recipe_trains_saves_and_serves_the_cli(tiny_clip_dir, tiny_text_di
                  "--gallery", *imgs, "-k", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("  1. ") == 1 and out.count("  2. ") == 1
+
+
+def _tiny_clip_recipe(tiny_clip_dir, tiny_text_dir, **kw):
+    from llava_lite.config import VisionConfig
+    from llava_lite.dual_encoder import DualEncoderConfig, TextEncoderConfig
+    from llava_lite.train.clip_recipe import ClipRecipe
+
+    model = DualEncoderConfig(vision=VisionConfig(name="clip", model_id=str(tiny_clip_dir)),
+                              text=TextEncoderConfig(name="minilm", model_id=str(tiny_text_dir)), embed_dim=16,
+                              lock_image=kw.pop("lock_image", True))
+    return ClipRecipe(name="clip-tiny", model=model, caption_sets=[{"name": "scenes-captions", "args": {"n": 12}}],
+                      eval_zero_shot=False, retrieval_set=None, **kw).validate()
+
+
+def test_unlocked_tower_trains_inside_the_loop(tiny_clip_dir, tiny_text_dir, tmp_path):
+    """lock_image=false runs the tower in each step (no feature cache) and its weights move;
+    a locked tower's weights are not even saved."""
+    from safetensors.torch import load_file
+
+    from llava_lite.dual_encoder import DualEncoder
+    from llava_lite.train.clip_stage import run_clip_recipe
+
+    recipe = _tiny_clip_recipe(tiny_clip_dir, tiny_text_dir, lock_image=False, steps=3, batch_size=6,
+                               tower_lr=1e-2)
+    run_clip_recipe(recipe, tmp_path / "unlocked", progress=False)
+    saved = load_file(str(tmp_path / "unlocked" / "model" / "dual_encoder.safetensors"))
+    fresh = DualEncoder(recipe.model).state_dict()
+    tower = [k for k in saved if k.startswith("tower.")]
+    assert tower and sum(not torch.equal(saved[k], fresh[k]) for k in tower) > len(tower) // 2
+    locked = _tiny_clip_recipe(tiny_clip_dir, tiny_text_dir, steps=2, batch_size=6)
+    run_clip_recipe(locked, tmp_path / "locked", progress=False)
+    assert not any(k.startswith("tower.") for k in load_file(str(tmp_path / "locked" / "model" /
+                                                                  "dual_encoder.safetensors")))
+
+
+def test_clip_run_is_not_overwritten_and_resume_skips_a_finished_one(tiny_clip_dir, tiny_text_dir, tmp_path, capsys):
+    from llava_lite.config import ConfigError
+    from llava_lite.train.clip_stage import run_clip_recipe
+
+    recipe = _tiny_clip_recipe(tiny_clip_dir, tiny_text_dir, steps=2, batch_size=6, save_every=1, keep_last=1)
+    first = run_clip_recipe(recipe, tmp_path / "run", progress=False)
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000002"]
+    with pytest.raises(ConfigError, match="already finished"):
+        run_clip_recipe(recipe, tmp_path / "run", progress=False)
+    again = run_clip_recipe(recipe, tmp_path / "run", progress=False, resume=True)
+    assert again["final_loss"] == first["final_loss"] and "skipping" in capsys.readouterr().out
+
+
+def test_clip_cli_refuses_what_a_dual_encoder_has_not(capsys):
+    from llava_lite.cli import main
+
+    assert main(["train", "--recipe", "clip-demo", "--stage", "align"]) == 2
+    assert main(["train", "--recipe", "clip-demo", "--publish", "x"]) == 2
+    assert "do(es) not apply" in capsys.readouterr().err
 
 
 def test_clip_recipe_rejects_bad_settings():

@@ -66,7 +66,7 @@ def tower_outputs(bridge, arrays: np.ndarray, batch_size: int = 128) -> tuple[to
 def score_set(bridge, data: dict[str, Any], dual=None) -> dict[str, float]:
     import torch.nn.functional as F
 
-    from llava_lite.train.clip_train import linear_probe
+    from llava_lite.train.clip_eval import linear_probe
     from llava_lite.zero_shot import class_embeddings, zero_shot_classify
 
     (train_x, train_y), (test_x, test_y) = data["train"], data["test"]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from llava_lite.train import stepping
+from llava_lite.train import engine, stepping
 
 PATHS = ("reference", "fast")
 
@@ -83,7 +83,7 @@ def loss_curves(run, steps: int) -> dict[str, list[float]]:
         for step in range(steps):
             with _path(run, name):
                 loss, _, _ = stepping._accumulate(run, step)
-            stepping._update(run, step, loss, trainable)
+            engine.update(run, step, loss, trainable)
             curves[name].append(round(loss, 5))
     return curves
 

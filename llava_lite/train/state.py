@@ -19,7 +19,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from llava_lite.atomic import atomic_dir
-from llava_lite.checkpoint import save_checkpoint
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
@@ -39,15 +38,14 @@ def _optimizer_tensors(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dic
 
 
 def save_train_state(
-    ckpt_root: Path, step: int, model, optimizer_state: dict[str, Any], scheduler, extra: dict[str, Any],
-    keep_last: int, extra_tensors: dict[str, torch.Tensor] | None = None,
-    weights: dict[str, torch.Tensor] | None = None,
+    ckpt_root: Path, step: int, save_model: Callable[[Path], None], optimizer_state: dict[str, Any], scheduler,
+    extra: dict[str, Any], keep_last: int, extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """One checkpoint: the model (`weights` when its own are sharded), an unsharded
-    `optimizer.state_dict()`, the scheduler, RNG and data position."""
+    """One checkpoint: the model (written by `save_model` into the folder it is given), an
+    unsharded `optimizer.state_dict()`, the scheduler, RNG and data position."""
     final = ckpt_root / f"step-{step:07d}"
     with atomic_dir(final) as tmp:
-        save_checkpoint(model, tmp / MODEL_DIR, weights=weights)
+        save_model(tmp / MODEL_DIR)
         tensors, optim_meta = _optimizer_tensors(optimizer_state)
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():

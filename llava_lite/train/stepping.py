@@ -1,43 +1,31 @@
-"""The steps of one training stage: micro-batches collated from packs (and cached tower
-features), a token-weighted loss over the global batch, clipped updates, one metrics line per
-step, periodic checkpoints, and a clean stop on Ctrl-C or SIGTERM."""
+"""The LLaVA stage kind on the training engine (`llava_lite.train.engine`): micro-batches
+collated from packs (and cached tower features), a token-weighted loss over the global batch,
+its metrics line, and the checkpoint parts that FSDP has to gather."""
 
 from __future__ import annotations
 
-import json
-import math
-import signal
-import time
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from llava_lite.checkpoint import save_checkpoint
 from llava_lite.feature_cache import FeatureCache
 from llava_lite.images import load_image
 from llava_lite.prompting import IGNORE_INDEX
 from llava_lite.train import sharding
 from llava_lite.train.batching import BatchSchedule, shard
+from llava_lite.train.engine import EngineRun, StepResult
 from llava_lite.train.packing import Pack, pack_attention
 from llava_lite.train.precision import frozen_linear_weights
 from llava_lite.train.prefix_attention import layout_of, prefix_attention
 from llava_lite.train.recipe import StageConfig, TrainRecipe
-from llava_lite.train.state import latest_checkpoint, save_train_state
-from llava_lite.train.tracking import tracked
+from llava_lite.train.stage_end import finish_stage, load_trained_weights
+from llava_lite.train.state import MODEL_DIR, read_extra_tensors
 
-METRICS = "metrics.jsonl"
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left intact."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM: a checkpoint was saved before stopping."""
 
 
 @dataclass
@@ -48,58 +36,65 @@ class StageData:
     num_rows: int
 
 
-@dataclass
-class StageRun:
-    """Everything one stage's steps share."""
+@dataclass(kw_only=True)
+class StageRun(EngineRun):
+    """A LLaVA stage (align, adapter, instruct, bridge) on the training engine."""
 
     recipe: TrainRecipe
     stage: StageConfig
-    name: str
-    out: Path
-    accelerator: Any
     processor: Any
     data: StageData
     cache: FeatureCache | None
     cache_seconds: float = 0.0
-    module: Any = None
-    unwrapped: Any = None  # the TrainModule inside accelerate's wrapper
-    optimizer: Any = None
-    scheduler: Any = None
     schedule: BatchSchedule | None = None
-    total: int = 0
 
-    @property
-    def main(self) -> bool:
-        return self.accelerator.is_main_process
+    def accumulate(self, step: int) -> StepResult:
+        loss, con, n_tokens = _accumulate(self, step)
+        return StepResult(loss, tokens=n_tokens, extra={"contrastive": con})
 
-    @property
-    def ckpt_root(self) -> Path:
-        return self.out / "checkpoints"
+    def record(self, step: int, result: StepResult, grad_norm: float, dt: float, elapsed: float) -> dict[str, Any]:
+        return _record(self, step, result.loss, result.extra["contrastive"], grad_norm, result.tokens, dt, elapsed)
 
+    def loop_scope(self) -> AbstractContextManager:
+        # Packed rows' attention stays selected for the whole loop, not only inside each forward:
+        # gradient checkpointing recomputes the layers during backward, and must attend the same way.
+        scope = ExitStack()
+        scope.enter_context(fast_paths(self))
+        if self.stage.pack_shared_prefix and self.recipe.pack_attention == "prefix":
+            scope.enter_context(prefix_attention(self.unwrapped.model.llm))
+        return scope
 
-class StopFlag:
-    """First Ctrl-C/SIGTERM asks for a save at the end of the current step; a second one stops now."""
+    def checkpoint_state(self):
+        weights, scale, optimizer_state = None, None, {}
+        if sharding.is_sharded(self.accelerator):
+            weights, scale = sharding.gather_weights(self.module)
+            optimizer_state = sharding.gather_optimizer_state(self.module, self.optimizer)
+        elif self.main:
+            optimizer_state = self.optimizer.state_dict()
+            if self.unwrapped.logit_scale is not None:
+                scale = self.unwrapped.logit_scale.log_scale.detach()
+        return weights, {} if scale is None else {"logit_scale": scale}, optimizer_state
 
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
+    def save_model(self, folder: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+        save_checkpoint(self.unwrapped.model, folder, weights=weights)
 
-    def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
+    def load_weights(self, ckpt: Path) -> None:
+        load_trained_weights(self.module, ckpt / MODEL_DIR)
+        scale = read_extra_tensors(ckpt).get("logit_scale")
+        if scale is not None and self.module.logit_scale is not None:
+            self.module.logit_scale.log_scale.data.copy_(scale)
 
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+    def load_optimizer(self, state: dict[str, Any]) -> None:
+        if sharding.is_sharded(self.accelerator):
+            sharding.load_optimizer_state(self.module, self.optimizer, state)
+        else:
+            self.optimizer.load_state_dict(state)
 
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
+    def finish(self, result: dict[str, Any], progress: bool) -> None:
+        result |= {"feature_cache_seconds": round(self.cache_seconds, 2), "rows": self.data.num_rows,
+                   "packs": len(self.data.rows), "skipped_rows": len(self.data.problems),
+                   "mixed_precision": str(self.accelerator.mixed_precision)}
+        finish_stage(self, result, progress)
 
 
 def collate(packs: list[Pack], processor, cache: FeatureCache | None, tower, packed: bool,
@@ -122,24 +117,6 @@ def collate(packs: list[Pack], processor, cache: FeatureCache | None, tower, pac
         else:
             batch["pixel_values"] = tower.preprocess([load_image(p) for p in images])
     return batch
-
-
-def save_step(run: StageRun, step: int) -> None:
-    """A checkpoint of `step`; under FSDP every process takes part in gathering it."""
-    weights, scale = None, None
-    if sharding.is_sharded(run.accelerator):
-        weights, scale = sharding.gather_weights(run.module)
-        optimizer_state = sharding.gather_optimizer_state(run.module, run.optimizer)
-    elif run.main:
-        optimizer_state = run.optimizer.state_dict()
-        if run.unwrapped.logit_scale is not None:
-            scale = run.unwrapped.logit_scale.log_scale.detach()
-    if run.main:
-        extra = {} if scale is None else {"logit_scale": scale}
-        save_train_state(run.ckpt_root, step, run.unwrapped.model, optimizer_state, run.scheduler,
-                         {"stage": run.name, "total_steps": run.total}, run.recipe.keep_last, extra,
-                         weights=weights)
-    run.accelerator.wait_for_everyone()
 
 
 def _accumulate(run: StageRun, step: int) -> tuple[float, torch.Tensor, int]:
@@ -172,21 +149,6 @@ def _accumulate(run: StageRun, step: int) -> tuple[float, torch.Tensor, int]:
     return (ce_total / n_tokens).item(), acc.reduce(con_total, "mean"), n_tokens
 
 
-def _update(run: StageRun, step: int, step_loss: float, trainable: list[torch.Tensor]) -> float:
-    """Clip and apply the step's gradients, unless the loss diverged; returns the grad norm."""
-    if not math.isfinite(step_loss):
-        raise TrainingDivergedError(
-            f"[{run.name}] loss is {step_loss} at step {step + 1}; stopped before updating the model. "
-            f"Last good checkpoint: {latest_checkpoint(run.ckpt_root) or 'none yet'}. Lower the learning "
-            "rate or use fp32/bf16."
-        )
-    grad_norm = run.accelerator.clip_grad_norm_(trainable, run.stage.max_grad_norm)
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm)
-
-
 def _record(run: StageRun, step: int, loss: float, con: torch.Tensor, grad_norm: float, n_tokens: int,
             dt: float, elapsed: float) -> dict[str, Any]:
     lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(run.optimizer.param_groups)}
@@ -215,37 +177,3 @@ def fast_paths(run: StageRun):
     llm = run.unwrapped.model.llm
     with frozen_linear_weights(llm, dtype), disable_input_dtype_casting(llm):
         yield
-
-
-def train_loop(run: StageRun, start: int, progress: bool) -> float:
-    """Steps `start`..total with logging, periodic checkpoints and a clean stop on Ctrl-C."""
-    trainable = [p for p in run.unwrapped.parameters() if p.requires_grad]
-    bar = tqdm(total=run.total, initial=start, desc=run.name, unit="step", disable=not (progress and run.main))
-    t_train, last_loss = time.perf_counter(), float("nan")
-    run.module.train()
-    # Packed rows' attention stays selected for the whole loop, not only inside each forward:
-    # gradient checkpointing recomputes the layers during backward, and must attend the same way.
-    packed = run.stage.pack_shared_prefix and run.recipe.pack_attention == "prefix"
-    scope = prefix_attention(run.unwrapped.model.llm) if packed else nullcontext()
-    with StopFlag() as stop, fast_paths(run), scope, open(run.out / METRICS, "a") if run.main else nullcontext() as log:
-        for step in range(start, run.total):
-            t_step = time.perf_counter()
-            last_loss, con, n_tokens = _accumulate(run, step)
-            grad_norm = _update(run, step, last_loss, trainable)
-            dt = time.perf_counter() - t_step
-            if run.main:
-                record = _record(run, step, last_loss, con, grad_norm, n_tokens, dt, time.perf_counter() - t_train)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                run.accelerator.log(tracked(record), step=step + 1)
-                bar.set_postfix(loss=f"{last_loss:.4f}", samples_s=f"{run.stage.batch_size / dt:.1f}")
-                bar.update(1)
-            done = step + 1
-            if done % run.recipe.save_every == 0 or done == run.total or stop.requested:
-                save_step(run, done)
-            if stop.requested:
-                bar.close()
-                raise TrainingInterrupted(f"[{run.name}] stopped at step {done}; checkpoint saved. "
-                                          "Run again with --resume to continue.")
-    bar.close()
-    return last_loss

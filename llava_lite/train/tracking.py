@@ -11,7 +11,7 @@ from llava_lite.config import ConfigError
 TRACKERS = {"tensorboard": ("tensorboard", "pip install 'llava-lite[tracking]'"),
             "wandb": ("wandb", "pip install wandb")}
 # what each step sends, from the metrics.jsonl record
-TRACKED = ("loss", "lr", "projector_lr", "grad_norm", "samples_per_s", "tokens_per_s", "contrastive")
+TRACKED = ("loss", "lr", "projector_lr", "grad_norm", "samples_per_s", "tokens_per_s", "contrastive", "logit_scale")
 
 
 def tracker(report_to: str) -> str | None:
@@ -31,6 +31,13 @@ def tracked(record: dict[str, Any]) -> dict[str, float]:
 
 def tracked_config(recipe, stage_name: str) -> dict[str, Any]:
     """The hyperparameters shown beside a run: flat scalars, as TensorBoard's hparams wants."""
+    from llava_lite.train.clip_recipe import ClipRecipe
+
+    if isinstance(recipe, ClipRecipe):
+        return {"recipe": recipe.name, "stage": stage_name, "seed": recipe.seed, "precision": recipe.precision,
+                "lr": recipe.lr, "text_lr": recipe.text_lr, "batch_size": recipe.batch_size,
+                "lock_image": recipe.model.lock_image, "lock_text": recipe.model.lock_text,
+                "tower": recipe.model.vision.name, "text": recipe.model.text.name}
     stage = recipe.stage(stage_name)
     return {"recipe": recipe.name, "stage": stage_name, "seed": recipe.seed, "precision": recipe.precision,
             "lr": stage.lr, "projector_lr": stage.projector_lr, "batch_size": stage.batch_size,
