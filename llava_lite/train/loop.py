@@ -164,6 +164,7 @@ def _accelerator(recipe: TrainRecipe, stage: StageConfig, stage_name: str, out: 
             f"{stage_name}: batch_size={stage.batch_size} does not split into {world} process(es) "
             f"x micro_batch_size={stage.micro_batch_size}"
         )
+    accelerator.gradient_accumulation_steps = per_process // stage.micro_batch_size
     return accelerator
 
 

@@ -4,7 +4,7 @@ its metrics line, and the checkpoint parts that FSDP has to gather."""
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,13 +128,17 @@ def _accumulate(run: StageRun, step: int) -> tuple[float, torch.Tensor, int]:
     n_tokens = sum(run.data.label_counts[i] for i in global_batch)
     mine = shard(global_batch, acc.process_index, world)
     chunks = [mine[i:i + stage.micro_batch_size] for i in range(0, len(mine), stage.micro_batch_size)]
+    if len(chunks) != acc.gradient_accumulation_steps:
+        raise RuntimeError(f"{len(chunks)} micro-batches per step, but accelerate accumulates "
+                           f"{acc.gradient_accumulation_steps}")
     ce_total = torch.zeros((), device=acc.device)
     con_total = torch.zeros((), device=acc.device)
-    for k, idx in enumerate(chunks):
+    for idx in chunks:
         batch = collate([run.data.rows[i] for i in idx], run.processor, run.cache,
                         run.unwrapped.model.vision_tower, stage.pack_shared_prefix, run.recipe.pack_attention)
         batch = {key: v.to(acc.device) if torch.is_tensor(v) else v for key, v in batch.items()}
-        with acc.no_sync(run.module) if k < len(chunks) - 1 else nullcontext():
+        # accelerate syncs gradients (DDP, FSDP) only on the step's last micro-batch
+        with acc.accumulate(run.module):
             with acc.autocast():
                 ce_sum, con = run.module(**batch)
             # DDP averages gradients over processes, hence the factor `world`: the step's
@@ -143,7 +147,9 @@ def _accumulate(run: StageRun, step: int) -> tuple[float, torch.Tensor, int]:
             if con is not None:
                 loss = loss + stage.contrastive_weight * con / len(chunks)
                 con_total += con.detach() / len(chunks)
-            acc.backward(loss)
+            # accelerate's backward divides by the accumulation steps; this loss is already the
+            # micro-batch's share of the global mean (exact for a power-of-two count).
+            acc.backward(loss * len(chunks))
         ce_total += ce_sum.detach().float()
     ce_total = acc.reduce(ce_total, "sum")
     return (ce_total / n_tokens).item(), acc.reduce(con_total, "mean"), n_tokens
