@@ -192,6 +192,11 @@ def test_recipe_overrides_and_validation(tiny_recipe):
         tiny_recipe("adapter.batch_size=5")
     with pytest.raises(ConfigError, match="precision"):
         tiny_recipe("precision=int3")
+    # fields the stages decide are errors, not silently overwritten
+    with pytest.raises(ConfigError, match="model.lora.enabled is set by training"):
+        tiny_recipe("model.lora.enabled=true")
+    with pytest.raises(ConfigError, match="fit_domain_gate"):
+        tiny_recipe("model.label_bridge.enabled=true")
     for name in ("demo", "tiny", "llava15-7b"):
         recipe = get_recipe(name)
         assert recipe.to_dict() == type(recipe).from_dict(recipe.to_dict()).to_dict()

@@ -115,9 +115,20 @@ class TrainRecipe:
             raise ConfigError(f"pack_attention={self.pack_attention!r}; use one of {PACK_ATTENTION}")
         if self.save_every <= 0 or self.keep_last <= 0:
             raise ConfigError("save_every and keep_last must be positive")
+        self._validate_set_by_training()
         for name in STAGES:
             self._validate_stage(name, self.stage(name))
         return self
+
+    def _validate_set_by_training(self) -> None:
+        """Fields of `model` that the stages decide, so a recipe value would be overwritten."""
+        if self.model.lora.enabled:
+            raise ConfigError("model.lora.enabled is set by training (each stage's `lora` says whether it adds "
+                              "and trains the adapter); leave it false and set e.g. adapter.lora=true")
+        gated = [s for s in STAGES if self.stage(s).enabled and self.stage(s).fit_domain_gate]
+        if self.model.label_bridge.enabled and not gated:
+            raise ConfigError("model.label_bridge.enabled needs an enabled stage with fit_domain_gate=true, "
+                              "which fits the gate and turns the bridge on in the saved model")
 
     def _validate_stage(self, name: str, st: StageConfig) -> None:
         if st.batch_size <= 0 or st.micro_batch_size <= 0 or st.batch_size % st.micro_batch_size:
