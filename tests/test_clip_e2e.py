@@ -6,22 +6,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import CLI, ddp_launch, train_env
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
-CLI = [sys.executable, "-m", "llava_lite.cli"]
 
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _args(tiny_clip_dir, tiny_text_dir, steps: int, batch: int = 6) -> list[str]:
@@ -48,14 +43,14 @@ def test_clip_kill9_at_set_points_then_resume_matches_an_uninterrupted_run(tmp_p
     args = _args(tiny_clip_dir, tiny_text_dir, steps=60)
     full = tmp_path / "full"
     proc = subprocess.run([*CLI, *args, "--output", str(full)], capture_output=True, text=True, timeout=600,
-                          env=_env())
+                          env=train_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     run = tmp_path / "killed"
     kills = 0
     for at in (8, 27, 44):  # logged steps at which the run is killed, mid-interval between checkpoints
         p = subprocess.Popen([*CLI, *args, "--output", str(run), "--resume"], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
+                             stderr=subprocess.DEVNULL, env=train_env(), start_new_session=True)
         deadline = time.time() + 300
         while time.time() < deadline and p.poll() is None and _lines(run / "metrics.jsonl") < at:
             time.sleep(0.01)
@@ -66,7 +61,7 @@ def test_clip_kill9_at_set_points_then_resume_matches_an_uninterrupted_run(tmp_p
     assert kills == 3
     assert not (run / "stage.json").exists()
     proc = subprocess.run([*CLI, *args, "--output", str(run), "--resume"], capture_output=True, text=True,
-                          timeout=600, env=_env())
+                          timeout=600, env=train_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout
     got, want = _metrics(run), _metrics(full)
@@ -78,23 +73,15 @@ def test_clip_kill9_at_set_points_then_resume_matches_an_uninterrupted_run(tmp_p
     assert all(c.name.startswith("step-") for c in (run / "checkpoints").iterdir())  # no temp folder left
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_clip_on_two_gloo_processes_matches_one_process(tmp_path, tiny_clip_dir, tiny_text_dir):
     # Each process embeds half of the global batch of 6; the gathered loss sees all 6.
     args = _args(tiny_clip_dir, tiny_text_dir, steps=10)
     one = subprocess.run([*CLI, *args, "--output", str(tmp_path / "one")], capture_output=True, text=True,
-                         timeout=600, env=_env())
+                         timeout=600, env=train_env())
     assert one.returncode == 0, one.stderr[-3000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port()), "-m", "llava_lite.cli"]
-    two = subprocess.run([*launch, *args, "--output", str(tmp_path / "two")], capture_output=True, text=True,
-                         timeout=600, env=_env())
+    two = subprocess.run([*ddp_launch(2), *args, "--output", str(tmp_path / "two")], capture_output=True, text=True,
+                         timeout=600, env=train_env())
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert len(a) == len(b) == 10

@@ -5,10 +5,8 @@ the sharded run's model loaded in one process."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import train_env
+from server_helpers import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -24,14 +24,6 @@ STAGES = ("1-align", "2-adapter", "3-instruct")
 SHARDED = "FSDP2: parameters, gradients and optimizer state sharded over 2 processes"
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _one() -> list[str]:
@@ -40,7 +32,7 @@ def _one() -> list[str]:
 
 def _fsdp() -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
-            "--num_processes", "2", "--main_process_port", str(_port()), "-m", "llava_lite.cli"]
+            "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "llava_lite.cli"]
 
 
 def _args(tiny_llm_dir, tiny_clip_dir, steps: int = 8) -> list[str]:
@@ -51,7 +43,7 @@ def _args(tiny_llm_dir, tiny_clip_dir, steps: int = 8) -> list[str]:
 
 
 def _run(cmd: list[str]) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=train_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
@@ -132,7 +124,7 @@ def test_sharded_run_killed_and_resumed_ends_like_an_uninterrupted_one(runs, tmp
         out = tmp_path / f"attempt-{attempt}.log"
         with out.open("w") as fh:
             p = subprocess.Popen([*_fsdp(), *args, "--output", str(run), "--resume"], stdout=fh,
-                                 stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+                                 stderr=subprocess.STDOUT, env=train_env(), start_new_session=True)
             deadline = time.time() + 180
             while time.time() < deadline and p.poll() is None and _progress(run) < target:
                 time.sleep(0.02)

@@ -7,20 +7,15 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from launch_helpers import CLI, ddp_launch, train_env
 
 pytestmark = pytest.mark.slow
-CLI = [sys.executable, "-m", "llava_lite.cli"]
 
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _tiny(tiny_llm_dir, tiny_clip_dir) -> list[str]:
@@ -34,7 +29,7 @@ def _losses(path: Path) -> list[float]:
 def test_tiny_recipe_runs_every_stage_on_the_default_parts(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([*CLI, "train", "--recipe", "tiny", "--output", str(out), "--no-progress"],
-                          capture_output=True, text=True, timeout=900, env=_env())
+                          capture_output=True, text=True, timeout=900, env=train_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("1-align", "2-adapter", "3-instruct"):
         stage = json.loads((out / name / "stage.json").read_text())
@@ -54,7 +49,7 @@ def test_kill9_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_pat
             "align.eval=[]", "adapter.eval=[]", "instruct.eval=[]"]
     full = tmp_path / "full"
     proc = subprocess.run([*CLI, *args, "--output", str(full)], capture_output=True, text=True, timeout=600,
-                          env=_env())
+                          env=train_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     run = tmp_path / "killed"
@@ -62,7 +57,7 @@ def test_kill9_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_pat
     kills = 0
     for _ in range(4):
         p = subprocess.Popen([*CLI, *args, "--output", str(run), "--resume"], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
+                             stderr=subprocess.DEVNULL, env=train_env(), start_new_session=True)
         # wait until training is under way, then kill at a random moment
         deadline = time.time() + 120
         while time.time() < deadline and p.poll() is None and not list(run.rglob("metrics.jsonl")):
@@ -74,7 +69,7 @@ def test_kill9_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_pat
         p.wait()
     assert kills >= 2
     proc = subprocess.run([*CLI, *args, "--output", str(run), "--resume"], capture_output=True, text=True,
-                          timeout=600, env=_env())
+                          timeout=600, env=train_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("1-align", "2-adapter", "3-instruct"):
         assert _losses(run / name / "metrics.jsonl") == pytest.approx(_losses(full / name / "metrics.jsonl"),
@@ -83,11 +78,6 @@ def test_kill9_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_pat
         assert ckpts and all(c.name.startswith("step-") for c in ckpts)  # no temp folder left behind
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_gloo_processes_match_one_process(tmp_path, tiny_llm_dir, tiny_clip_dir):
     # Same global batch (4): one process runs 2 micro-batches of 2, two processes run one each.
@@ -95,13 +85,10 @@ def test_two_gloo_processes_match_one_process(tmp_path, tiny_llm_dir, tiny_clip_
             "align.max_steps=8", "adapter.max_steps=8", "instruct.max_steps=8",
             "align.eval=[]", "adapter.eval=[]", "instruct.eval=[]"]
     one = subprocess.run([*CLI, *args, "--output", str(tmp_path / "one")], capture_output=True, text=True,
-                         timeout=600, env=_env())
+                         timeout=600, env=train_env())
     assert one.returncode == 0, one.stderr[-3000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port()), "-m", "llava_lite.cli"]
-    two = subprocess.run([*launch, *args, "--output", str(tmp_path / "two")], capture_output=True, text=True,
-                         timeout=600, env=_env())
+    two = subprocess.run([*ddp_launch(2), *args, "--output", str(tmp_path / "two")], capture_output=True, text=True,
+                         timeout=600, env=train_env())
     assert two.returncode == 0, two.stderr[-3000:]
     for name in ("1-align", "2-adapter", "3-instruct"):
         a = _losses(tmp_path / "one" / name / "metrics.jsonl")

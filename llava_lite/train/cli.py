@@ -12,7 +12,6 @@ from pathlib import Path
 def cmd_train(args) -> int:
     from llava_lite.recipes import RECIPES, get_recipe, recipe_source
     from llava_lite.train.clip_recipe import ClipRecipe
-    from llava_lite.train.loop import TrainingDivergedError, TrainingInterrupted
     from llava_lite.train.recipe import STAGES, apply_overrides
     from llava_lite.train.run import last_model_dir, run_recipe
 
@@ -26,34 +25,41 @@ def cmd_train(args) -> int:
     recipe = get_recipe(args.recipe)
     if args.overrides:
         recipe = apply_overrides(recipe, args.overrides)
+    if args.report_to:
+        recipe.report_to = args.report_to
+        recipe.validate()
     if isinstance(recipe, ClipRecipe):
         return _train_clip(recipe, args)
     if args.skip_bad:
         recipe.skip_bad = True
-    if args.report_to:
-        recipe.report_to = args.report_to
-        recipe.validate()
     stages = list(STAGES) if args.stage == "all" else [args.stage]
     output = Path(args.output or f"runs/{recipe.name}")
+    summary, code = _guarded(lambda: run_recipe(recipe, stages, output, resume=args.resume,
+                                                recipe_file=recipe_source(args.recipe),
+                                                progress=not args.no_progress, init_from=args.init))
+    if summary is not None and int(os.environ.get("RANK", "0")) == 0:  # one summary per launch, not per process
+        _report(summary, last_model_dir(recipe, output, stages), args.publish)
+    return code
+
+
+def _guarded(train) -> tuple[dict | None, int]:
+    """Run `train`; a diverged or interrupted run becomes its message and exit code."""
+    from llava_lite.train.engine import TrainingDivergedError, TrainingInterrupted
+
     try:
-        summary = run_recipe(recipe, stages, output, resume=args.resume, recipe_file=recipe_source(args.recipe),
-                             progress=not args.no_progress, init_from=args.init)
+        return train(), 0
     except TrainingDivergedError as err:
         print(f"llava-lite train: error: {err}", file=sys.stderr)
-        return 1
+        return None, 1
     except TrainingInterrupted as err:
         print(f"\nllava-lite train: {err}", file=sys.stderr)
-        return 130
-    if int(os.environ.get("RANK", "0")) == 0:  # one summary per launch, not one per process
-        _report(summary, last_model_dir(recipe, output, stages), args.publish)
-    return 0
+        return None, 130
 
 
 def _train_clip(recipe, args) -> int:
     """A dual-encoder recipe: one contrastive stage on the same engine."""
     from llava_lite.recipes import recipe_source
     from llava_lite.train.clip_stage import run_clip_recipe
-    from llava_lite.train.loop import TrainingDivergedError, TrainingInterrupted
 
     refused = [flag for flag, used in (("--stage", args.stage != "all"), ("--init", args.init),
                                        ("--skip-bad", args.skip_bad), ("--publish", args.publish)) if used]
@@ -61,23 +67,13 @@ def _train_clip(recipe, args) -> int:
         print(f"llava-lite train: error: {', '.join(refused)} do(es) not apply to the dual-encoder recipe "
               f"{recipe.name!r}", file=sys.stderr)
         return 2
-    if args.report_to:
-        recipe.report_to = args.report_to
-        recipe.validate()
     output = Path(args.output or f"runs/{recipe.name}")
-    try:
-        summary = run_clip_recipe(recipe, output, recipe_source(args.recipe), progress=not args.no_progress,
-                                  resume=args.resume)
-    except TrainingDivergedError as err:
-        print(f"llava-lite train: error: {err}", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as err:
-        print(f"\nllava-lite train: {err}", file=sys.stderr)
-        return 130
-    if int(os.environ.get("RANK", "0")) == 0:
+    summary, code = _guarded(lambda: run_clip_recipe(recipe, output, recipe_source(args.recipe),
+                                                     progress=not args.no_progress, resume=args.resume))
+    if summary is not None and int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
         print(f"done: dual encoder in {output / 'model'}, evaluation in {output / 'eval'}")
-    return 0
+    return code
 
 
 def _report(summary: dict, final: Path, publish_to: str | None) -> None:

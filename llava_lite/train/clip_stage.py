@@ -69,6 +69,11 @@ class ContrastiveModule(nn.Module):
         super().__init__()
         self.model = model
 
+    def train(self, mode: bool = True) -> ContrastiveModule:
+        super().train(mode)
+        self.model.tower.train(False)  # a trained tower keeps its normalisation statistics
+        return self
+
     def forward(self, captions: list[str], labels: torch.Tensor, features: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, hard_negatives: int | None = None) -> torch.Tensor:
         pooled = features if features is not None else self.model.image_features(pixel_values)
@@ -122,10 +127,6 @@ class ContrastiveRun(EngineRun):
                       "logit_scale": round(self.unwrapped.model.logit_scale().item(), 4),
                       "samples_per_s": round(self.recipe.batch_size / dt, 3)}
 
-    def loop_scope(self):
-        self.unwrapped.model.tower.train(False)  # a trained tower keeps its normalisation statistics
-        return super().loop_scope()
-
     def save_model(self, folder: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
         self.unwrapped.model.save_pretrained(folder)
 
@@ -157,14 +158,9 @@ class ContrastiveRun(EngineRun):
 
 
 def _accelerator(recipe: ClipRecipe, out: Path):
-    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+    from accelerate.utils import DistributedType
 
-    from llava_lite.train import sharding
-
-    # The text encoder's pooler is unused (its mean-pooled output is taken); DDP must allow it.
-    accelerator = make_accelerator(recipe.precision, out, recipe.report_to, STAGE, recipe.seed, recipe.num_threads,
-                                   [DistributedDataParallelKwargs(find_unused_parameters=True)])
-    sharding.configure(accelerator)
+    accelerator = make_accelerator(recipe.precision, out, recipe.report_to, STAGE, recipe.seed, recipe.num_threads)
     if accelerator.distributed_type == DistributedType.FSDP:
         raise ConfigError("the contrastive stage runs data-parallel: launch it without the FSDP config "
                           "(accelerate launch --multi_gpu --num_processes N ...)")
@@ -185,12 +181,18 @@ def _optimizer(model: DualEncoder, recipe: ClipRecipe) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups)
 
 
+def _tracked_config(recipe: ClipRecipe) -> dict[str, Any]:
+    """The hyperparameters shown beside a run in the tracker."""
+    return {"recipe": recipe.name, "stage": STAGE, "seed": recipe.seed, "precision": recipe.precision,
+            "lr": recipe.lr, "text_lr": recipe.text_lr, "batch_size": recipe.batch_size,
+            "lock_image": recipe.model.lock_image, "lock_text": recipe.model.lock_text,
+            "tower": recipe.model.vision.name, "text": recipe.model.text.name}
+
+
 def setup_clip_stage(recipe: ClipRecipe, out: Path, progress: bool = True) -> ContrastiveRun:
     """The dual encoder, its pairs (features cached once, by the main process first), the
     optimizer and the schedule."""
     from transformers import get_cosine_schedule_with_warmup
-
-    from llava_lite.train.tracking import tracked_config
 
     accelerator = _accelerator(recipe, out)
     model = DualEncoder(recipe.model)
@@ -207,7 +209,7 @@ def setup_clip_stage(recipe: ClipRecipe, out: Path, progress: bool = True) -> Co
     return ContrastiveRun(
         name=STAGE, out=out, accelerator=accelerator, label=recipe.name, save_every=recipe.save_every,
         keep_last=recipe.keep_last, max_grad_norm=recipe.max_grad_norm, report_to=recipe.report_to,
-        tracked_config=tracked_config(recipe, STAGE), module=module, optimizer=optimizer, scheduler=scheduler,
+        tracked_config=_tracked_config(recipe), module=module, optimizer=optimizer, scheduler=scheduler,
         total=recipe.steps, recipe=recipe, pairs=pairs, counts=counts, features=pairs.feature_tensor(),
         schedule=BatchSchedule([0] * len(pairs), recipe.batch_size, recipe.seed, group_by_length=False),
         feature_seconds=time.perf_counter() - t0)

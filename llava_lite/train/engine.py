@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llava_lite.config import ConfigError
+from llava_lite.train import sharding
 from llava_lite.train.precision import resolve_precision
 from llava_lite.train.state import MODEL_DIR, clean_partial, latest_checkpoint, load_train_state, save_train_state
 from llava_lite.train.tracking import tracked, tracker
@@ -107,18 +108,22 @@ class EngineRun:
         raise NotImplementedError
 
 
-def make_accelerator(precision: str, out: Path, report_to: str, name: str, seed: int, num_threads: int | None,
-                     handlers: list | None = None):
-    """accelerate's Accelerator at the resolved precision, seeded; prints what it chose and why."""
+def make_accelerator(precision: str, out: Path, report_to: str, name: str, seed: int, num_threads: int | None):
+    """accelerate's Accelerator at the resolved precision, seeded, with an FSDP launch config
+    honoured on CPU and DeepSpeed refused (`sharding.configure`); prints what it chose and why."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
     resolved, why = resolve_precision(precision)
+    # Not every step uses every trained parameter (a text-only micro-batch leaves the projector
+    # out, a text encoder's pooler is never used); DDP must allow that.
     accelerator = Accelerator(mixed_precision="no" if resolved == "fp32" else resolved,
-                              cpu=not torch.cuda.is_available(), kwargs_handlers=handlers or [],
+                              cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
                               log_with=tracker(report_to),
                               project_config=ProjectConfiguration(project_dir=str(out),
                                                                   logging_dir=str(out / "tensorboard")))
+    sharding.configure(accelerator)
     if accelerator.is_main_process:
         print(f"[{name}] precision {resolved} ({why})", flush=True)
     if num_threads:

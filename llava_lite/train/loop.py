@@ -148,12 +148,8 @@ def _scheduler(optimizer, stage: StageConfig, total: int):
 
 
 def _accelerator(recipe: TrainRecipe, stage: StageConfig, stage_name: str, out: Path):
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    # A micro-batch of text-only rows leaves the projector unused; DDP must allow that.
     accelerator = make_accelerator(recipe.precision, out, recipe.report_to, stage_name, recipe.seed,
-                                   recipe.num_threads, [DistributedDataParallelKwargs(find_unused_parameters=True)])
-    sharding.configure(accelerator)
+                                   recipe.num_threads)
     if accelerator.is_main_process and sharding.is_sharded(accelerator):
         print(f"[{stage_name}] FSDP2: parameters, gradients and optimizer state sharded over "
               f"{accelerator.num_processes} processes", flush=True)

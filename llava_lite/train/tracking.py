@@ -30,14 +30,7 @@ def tracked(record: dict[str, Any]) -> dict[str, float]:
 
 
 def tracked_config(recipe, stage_name: str) -> dict[str, Any]:
-    """The hyperparameters shown beside a run: flat scalars, as TensorBoard's hparams wants."""
-    from llava_lite.train.clip_recipe import ClipRecipe
-
-    if isinstance(recipe, ClipRecipe):
-        return {"recipe": recipe.name, "stage": stage_name, "seed": recipe.seed, "precision": recipe.precision,
-                "lr": recipe.lr, "text_lr": recipe.text_lr, "batch_size": recipe.batch_size,
-                "lock_image": recipe.model.lock_image, "lock_text": recipe.model.lock_text,
-                "tower": recipe.model.vision.name, "text": recipe.model.text.name}
+    """A LLaVA stage's hyperparameters shown beside a run: flat scalars, as TensorBoard's hparams wants."""
     stage = recipe.stage(stage_name)
     return {"recipe": recipe.name, "stage": stage_name, "seed": recipe.seed, "precision": recipe.precision,
             "lr": stage.lr, "projector_lr": stage.projector_lr, "batch_size": stage.batch_size,
