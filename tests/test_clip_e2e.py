@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import CLI, ddp_launch, train_env
+from launch_helpers import CLI, train_env, train_in_one_and_two_processes
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -77,12 +77,7 @@ def test_clip_kill9_at_set_points_then_resume_matches_an_uninterrupted_run(tmp_p
 def test_clip_on_two_gloo_processes_matches_one_process(tmp_path, tiny_clip_dir, tiny_text_dir):
     # Each process embeds half of the global batch of 6; the gathered loss sees all 6.
     args = _args(tiny_clip_dir, tiny_text_dir, steps=10)
-    one = subprocess.run([*CLI, *args, "--output", str(tmp_path / "one")], capture_output=True, text=True,
-                         timeout=600, env=train_env())
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([*ddp_launch(2), *args, "--output", str(tmp_path / "two")], capture_output=True, text=True,
-                         timeout=600, env=train_env())
-    assert two.returncode == 0, two.stderr[-3000:]
+    train_in_one_and_two_processes(args, tmp_path)
     a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert len(a) == len(b) == 10
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from launch_helpers import CLI, ddp_launch, train_env
+from launch_helpers import CLI, train_env, train_in_one_and_two_processes
 
 pytestmark = pytest.mark.slow
 
@@ -84,12 +84,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, tiny_llm_dir, tiny_clip_
     args = ["train", "--recipe", "tiny", "--no-progress", "--stage", "all", *_tiny(tiny_llm_dir, tiny_clip_dir),
             "align.max_steps=8", "adapter.max_steps=8", "instruct.max_steps=8",
             "align.eval=[]", "adapter.eval=[]", "instruct.eval=[]"]
-    one = subprocess.run([*CLI, *args, "--output", str(tmp_path / "one")], capture_output=True, text=True,
-                         timeout=600, env=train_env())
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([*ddp_launch(2), *args, "--output", str(tmp_path / "two")], capture_output=True, text=True,
-                         timeout=600, env=train_env())
-    assert two.returncode == 0, two.stderr[-3000:]
+    train_in_one_and_two_processes(args, tmp_path)
     for name in ("1-align", "2-adapter", "3-instruct"):
         a = _losses(tmp_path / "one" / name / "metrics.jsonl")
         b = _losses(tmp_path / "two" / name / "metrics.jsonl")
