@@ -11,16 +11,15 @@ import torch
 
 from llava_lite.checkpoint import build_model, is_checkpoint, load_checkpoint, load_model_folder, save_checkpoint
 from llava_lite.config import LLAMACPP_MODES, LlavaLiteConfig
-from llava_lite.image_cache import ImageEmbedCache
-from llava_lite.image_views import ImageView, bridge_messages, image_views
+from llava_lite.image_cache import ImageEmbedCache, image_key
+from llava_lite.image_views import ImageView, PreparedPrompt, image_views, prepared_prompt
 from llava_lite.images import ImageInput
 from llava_lite.label_bridge import ImageEvidence
 from llava_lite.llm import output_cache, with_cache
 from llava_lite.lora import is_peft
 from llava_lite.modeling import LlavaLiteModel
-from llava_lite.processor import LlavaLiteProcessor
+from llava_lite.processor import ImageLimits, LlavaLiteProcessor, LoadedConversation
 from llava_lite.prompt_cache import PromptCache, common_prefix_len
-from llava_lite.prompting import ConversationError
 from llava_lite.streaming import StopOnEvent, reply_chunks
 
 CAPTION_PROMPT = "Describe the image in one sentence."
@@ -56,6 +55,7 @@ class LlavaLite:
         self.quantization = "none"
         self.decoder = None  # a LlamaCppDecoder once quantize("llamacpp-...") is called
         self.image_cache = ImageEmbedCache()
+        self._tower_lock = threading.Lock()
         # The KV cache of recent conversations, so a follow-up turn only runs its new tokens.
         self.prompt_cache = PromptCache(processor.image_token_id, capacity=4)
 
@@ -154,7 +154,12 @@ class LlavaLite:
         """Each image through the tower once (then from cache): its projected embeddings, the
         head's evidence and, with the label bridge on, the text that stands in for it when the
         domain gate puts it outside the training images."""
-        return image_views(self.model, self.processor, self.image_cache, images)
+        loaded = self.processor.load_images(images)
+        return self._views(loaded, [image_key(img) for img in loaded])
+
+    def _views(self, images: Sequence, keys: Sequence[str]) -> list[ImageView]:
+        with self._tower_lock:  # request threads of a server share the tower and its cache
+            return image_views(self.model, self.processor, self.image_cache, images, keys)
 
     def evidence(self, image: ImageInput) -> ImageEvidence | None:
         """The tower head's top classes for `image` and whether the domain gate puts it outside
@@ -184,34 +189,16 @@ class LlavaLite:
         kwargs.update(extra)
         return kwargs
 
-    def _split_messages(self, messages: Messages, images: Sequence[ImageInput] | None):
-        """Pull images out of content parts ({"type": "image", "image": X}) in order."""
-        found: list[ImageInput] = []
-        clean = []
-        for msg in messages:
-            content = msg.get("content", msg.get("value"))
-            if isinstance(content, list):
-                parts = []
-                for part in content:
-                    if isinstance(part, dict) and part.get("type") == "image" and "image" in part:
-                        found.append(part["image"])
-                        parts.append({"type": "image"})
-                    else:
-                        parts.append(part)
-                msg = {**msg, "content": parts}
-            clean.append(msg)
-        all_images = list(images or []) + found
-        if images and found:
-            raise ConversationError("give images either inline in content parts or via images=, not both")
-        return clean, all_images
+    def prepare(self, messages: Messages, images: Sequence[ImageInput] | None = None, *, max_new_tokens: int = 0,
+                limits: ImageLimits | None = None) -> PreparedPrompt:
+        """A conversation made ready to generate from: its images loaded, hashed and through the
+        tower once, the template rendered and tokenized once (`chat` and the server run this)."""
+        conversation = self.processor.load(messages, images, limits)
+        return self._prepared(conversation, max_new_tokens)
 
-    def _prepare(self, messages: Messages, images: Sequence[ImageInput] | None, max_new_tokens: int):
-        messages, images = self._split_messages(messages, images)
-        self.processor.check_image_count(messages, len(images))
-        messages, views = bridge_messages(messages, self.image_views(images), self.config.image_token)
-        ids = self.processor.encode_prompt(messages, max_new_tokens=max_new_tokens)
-        embeds = torch.stack([v.embed for v in views]) if views else None
-        return ids, embeds, [v.key for v in views]
+    def _prepared(self, conversation: LoadedConversation, max_new_tokens: int) -> PreparedPrompt:
+        views = self._views(conversation.images, conversation.keys)
+        return prepared_prompt(self.processor, conversation, views, max_new_tokens)
 
     def chat(
         self,
@@ -227,7 +214,8 @@ class LlavaLite:
         A follow-up turn reuses the previous turn's KV cache (see `llava_lite.prompt_cache`).
         """
         kwargs = self._gen_kwargs(**gen)
-        ids, embeds, keys = self._prepare(messages, images, kwargs["max_new_tokens"])
+        prompt = self.prepare(messages, images, max_new_tokens=kwargs["max_new_tokens"])
+        ids, embeds, keys = prompt.ids, prompt.embeds, prompt.keys
         if self.decoder is not None:
             from llava_lite import llamacpp_chat
 
@@ -304,14 +292,14 @@ class LlavaLite:
         answers: list[str] = []
         tok = self.processor.tokenizer
         for start in range(0, len(images), batch_size):
-            prompts, kept = [], []
-            views = self.image_views(images[start:start + batch_size])
-            for view, q in zip(views, questions[start:start + batch_size], strict=True):
-                messages, seen = bridge_messages([self.user_message(q)], [view], self.config.image_token)
-                prompts.append(self.processor.encode_prompt(messages, max_new_tokens=kwargs["max_new_tokens"]))
-                kept += seen
-            input_ids, mask = self.processor.pad(prompts, side="left")
-            embeds = torch.stack([v.embed for v in kept]) if kept else None
+            convs = [self.processor.load([self.user_message(q)], [img]) for img, q in
+                     zip(images[start:start + batch_size], questions[start:start + batch_size], strict=True)]
+            views = self._views([c.images[0] for c in convs], [c.keys[0] for c in convs])
+            rows = [prepared_prompt(self.processor, c, [v], kwargs["max_new_tokens"])
+                    for c, v in zip(convs, views, strict=True)]
+            input_ids, mask = self.processor.pad([r.ids for r in rows], side="left")
+            kept = [r.embeds for r in rows if r.embeds is not None]
+            embeds = torch.cat(kept) if kept else None
             out = self.model.generate(
                 input_ids.to(self.device), attention_mask=mask.to(self.device), image_embeds=embeds, **kwargs
             )
@@ -331,13 +319,15 @@ class LlavaLite:
             return []
         if self.decoder is not None:  # one sequence at a time; the shared image prefix is kept
             return [self.ask(image, q, max_new_tokens=max_new_tokens, do_sample=False) for q in questions]
-        if self.image_views([image])[0].bridge_text is not None:  # no shared image block to reuse
-            return self.ask_batch([image] * len(questions), questions, max_new_tokens=max_new_tokens)
+        conv = self.processor.load([self.user_message(questions[0])], [image])
+        view = self._views(conv.images, conv.keys)[0]
+        if view.bridge_text is not None:  # no shared image block to reuse
+            return self.ask_batch(conv.images * len(questions), questions, max_new_tokens=max_new_tokens)
         prompts = [self.processor.encode_prompt([self.user_message(q)], max_new_tokens=max_new_tokens)
                    for q in questions]
         shared = common_prefix_len(*prompts)
         shared = min(shared, min(len(p) for p in prompts) - 1)  # every row keeps >= 1 own token
-        embeds = self.encode_images([image])
+        embeds = view.embed[None]
         head = torch.tensor([prompts[0][:shared]], device=self.device)
         # The shared prefix holds the whole image block (questions follow the image), so the
         # image embeddings are scattered into the prefix only.

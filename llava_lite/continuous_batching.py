@@ -2,7 +2,8 @@
 
 A decode step of a small LLM on a CPU is bound by reading the weights, not by arithmetic, so
 a step over eight conversations costs little more than a step over one. One worker thread
-owns the model. A new conversation runs its own prefill (reusing a cached prefix from
+owns the model. Conversations arrive prepared (`LlavaLite.prepare`: images through the tower,
+prompt tokenized, in the caller's thread). A new conversation runs its own prefill (reusing a cached prefix from
 `LlavaLite.prompt_cache` when it continues an earlier one) and joins the running batch at the
 next step; a finished one leaves at once. No conversation waits for another to finish.
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, TemperatureLogitsWarper, TextIteratorStreamer, TopPLogitsWarper
 
+from llava_lite.image_views import PreparedPrompt
 from llava_lite.llm import output_cache, with_cache
 from llava_lite.streaming import reply_chunks
 
@@ -34,15 +36,14 @@ class Generation:
     """One conversation's reply inside a `ContinuousBatcher`. Iterate it for the text chunks;
     `close()` stops it at the next token (a Stop button, a closed connection)."""
 
-    def __init__(self, tokenizer, messages: Sequence[dict], images: Sequence, max_new_tokens: int,
+    def __init__(self, tokenizer, prompt: PreparedPrompt, max_new_tokens: int,
                  temperature: float, top_p: float, timeout_s: float) -> None:
-        self.messages, self.images = list(messages), list(images)
+        self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.temperature, self.top_p = float(temperature), float(top_p)
         self.deadline = time.monotonic() + timeout_s
         self.streamer = TextIteratorStreamer(tokenizer, skip_special_tokens=True)
-        self.prompt_ids: list[int] = []
-        self.image_keys: list[str] = []
+        self.prompt_ids, self.image_keys = prompt.ids, prompt.keys
         self.tokens: list[int] = []
         self.finish_reason: str | None = None  # "stop", "length", "timeout", "cancelled" or "error"
         self.error: BaseException | None = None
@@ -163,11 +164,11 @@ class ContinuousBatcher:
         with self._lock:
             return len(self._pending) + len(self._batch)
 
-    def submit(self, messages: Sequence[dict], images: Sequence = (), *, max_new_tokens: int = 128,
-               temperature: float = 0.0, top_p: float = 1.0, timeout_s: float = math.inf) -> Generation:
-        """Queue a conversation for a reply; returns its `Generation` at once."""
-        gen = Generation(self.lite.processor.tokenizer, messages, images, max_new_tokens, temperature, top_p,
-                         timeout_s)
+    def submit(self, prompt: PreparedPrompt, *, max_new_tokens: int = 128, temperature: float = 0.0,
+               top_p: float = 1.0, timeout_s: float = math.inf) -> Generation:
+        """Queue a prepared conversation (`LlavaLite.prepare`) for a reply; returns its
+        `Generation` at once."""
+        gen = Generation(self.lite.processor.tokenizer, prompt, max_new_tokens, temperature, top_p, timeout_s)
         with self._lock:
             self._pending.append(gen)
             if self._worker is None:
@@ -213,9 +214,7 @@ class ContinuousBatcher:
             if reason := self._stop_reason(gen):
                 gen._end(reason)
                 return
-            ids, embeds, keys = self.lite._prepare(gen.messages, gen.images, gen.max_new_tokens)
-            gen.prompt_ids, gen.image_keys = ids, keys
-            token, state = self._prefill(gen, ids, embeds, keys)
+            token, state = self._prefill(gen, gen.prompt_ids, gen.prompt.embeds, gen.image_keys)
         except Exception as err:  # this request's failure only; the batch goes on
             log.exception("prefill failed")
             gen._end("error", err)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
+from PIL import Image
 
 from llava_lite.config import LabelBridgeConfig
-from llava_lite.image_cache import ImageEmbedCache, image_key
-from llava_lite.images import ImageInput, load_image
-from llava_lite.label_bridge import ImageEvidence, bridged_messages, evidence_text
+from llava_lite.image_cache import ImageEmbedCache
+from llava_lite.label_bridge import ImageEvidence, evidence_text
 
 
 @dataclass(frozen=True)
@@ -32,10 +31,9 @@ def _bridge_text(evidence: ImageEvidence | None, bridge: LabelBridgeConfig) -> s
     return evidence_text(evidence.classes, bridge)
 
 
-def image_views(model, processor, cache: ImageEmbedCache, images: Sequence[ImageInput]) -> list[ImageView]:
-    """Each image loaded, hashed and run through the tower once (then served from `cache`)."""
-    pil = [load_image(img) for img in images]
-    keys = [image_key(img) for img in pil]
+def image_views(model, processor, cache: ImageEmbedCache, pil: Sequence[Image.Image],
+                keys: Sequence[str]) -> list[ImageView]:
+    """Loaded images (with their content keys) through the tower once, then from `cache`."""
     found = {i: cache.get(k) for i, k in enumerate(keys)}
     missing = [i for i, view in found.items() if view is None]
     if missing:
@@ -52,11 +50,20 @@ def image_views(model, processor, cache: ImageEmbedCache, images: Sequence[Image
     return [found[i] for i in range(len(pil))]
 
 
-def bridge_messages(messages: Sequence[dict[str, Any]], views: list[ImageView],
-                    image_token: str) -> tuple[list[dict[str, Any]], list[ImageView]]:
-    """The placeholders of bridged images replaced by their evidence text, and the views
-    that still go in as image tokens."""
-    texts = [v.bridge_text for v in views]
-    if any(t is not None for t in texts):
-        messages = bridged_messages(messages, texts, image_token)
-    return list(messages), [v for v, t in zip(views, texts, strict=True) if t is None]
+@dataclass
+class PreparedPrompt:
+    """A prompt ready for the LLM: token ids, the projected embeddings of the images that go
+    in as tokens and their keys (the prompt cache's), and every image's view, bridged or not."""
+
+    ids: list[int]
+    embeds: torch.Tensor | None
+    keys: list[str]
+    views: list[ImageView]
+
+
+def prepared_prompt(processor, conversation, views: list[ImageView], max_new_tokens: int) -> PreparedPrompt:
+    """Render and tokenize `conversation` once, bridged images as their evidence text."""
+    ids = processor.encode(conversation, image_texts=[v.bridge_text for v in views], max_new_tokens=max_new_tokens)
+    kept = [v for v in views if v.bridge_text is None]
+    embeds = torch.stack([v.embed for v in kept]) if kept else None
+    return PreparedPrompt(ids, embeds, [v.key for v in kept], views)

@@ -78,7 +78,7 @@ def _picker(kwargs: dict[str, Any], eos: set[int]):
 
 
 def tokens(lite, ids: list[int], embeds, keys: list[str], kwargs: dict[str, Any]) -> Iterator[int]:
-    """New token ids for a prepared prompt (from `LlavaLite._prepare`)."""
+    """New token ids for a prepared prompt (from `LlavaLite.prepare`)."""
     unknown = set(kwargs) - SUPPORTED
     if unknown:
         raise ConfigError(f"the llama.cpp decoder does not support {sorted(unknown)}")

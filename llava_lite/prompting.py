@@ -44,8 +44,9 @@ class EncodedConversation:
     num_images: int  # images whose placeholders survived truncation
 
 
-def normalize_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    """Accept OpenAI-style `{"role","content"}` or LLaVA-style `{"from","value"}` turns."""
+def normalize_messages(messages: Sequence[dict[str, Any]], image_token: str = "<image>") -> list[dict[str, str]]:
+    """Accept OpenAI-style `{"role","content"}` or LLaVA-style `{"from","value"}` turns; image
+    content parts become `image_token` placeholders."""
     out = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
@@ -55,14 +56,14 @@ def normalize_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, str
         if role not in ROLE_ALIASES:
             raise ConversationError(f"turn {i}: unknown role {role!r}")
         if isinstance(content, list):  # OpenAI content parts: keep text, images as placeholders
-            content = _parts_to_text(content, i)
+            content = _parts_to_text(content, i, image_token)
         if not isinstance(content, str):
             raise ConversationError(f"turn {i}: content must be text, got {type(content).__name__}")
         out.append({"role": ROLE_ALIASES[role], "content": content})
     return out
 
 
-def _parts_to_text(parts: list, turn: int, image_token: str = "<image>") -> str:
+def _parts_to_text(parts: list, turn: int, image_token: str) -> str:
     pieces = []
     for part in parts:
         kind = part.get("type") if isinstance(part, dict) else None
@@ -221,7 +222,7 @@ class PromptBuilder:
         """Token ids and labels for training: only assistant answers and their end-of-turn token
         are supervised. Whole trailing turns are dropped to fit `max_length`; a first answer
         that cannot fit raises SequenceTooLongError."""
-        msgs = self._with_system(normalize_messages(messages))
+        msgs = self._with_system(normalize_messages(messages, self.image_token))
         check_turns(msgs, self.image_token, for_training=True)
         pieces, supervised = self._tokenize(self._segments(msgs, add_generation_prompt=False))
         input_ids: list[int] = []
@@ -247,7 +248,7 @@ class PromptBuilder:
 
     def encode_prompt(self, messages: Sequence[dict[str, Any]], max_new_tokens: int = 0) -> list[int]:
         """Token ids of a prompt ending in the assistant generation prompt."""
-        msgs = self._with_system(normalize_messages(messages))
+        msgs = self._with_system(normalize_messages(messages, self.image_token))
         check_turns(msgs, self.image_token, for_training=False)
         pieces, _ = self._tokenize(self._segments(msgs, add_generation_prompt=True))
         ids = [t for piece in pieces for t in piece]
@@ -259,4 +260,4 @@ class PromptBuilder:
         return ids
 
     def count_images(self, messages: Sequence[dict[str, Any]]) -> int:
-        return sum(m["content"].count(self.image_token) for m in normalize_messages(messages))
+        return sum(m["content"].count(self.image_token) for m in normalize_messages(messages, self.image_token))

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from llava_lite.continuous_batching import ContinuousBatcher
+from llava_lite.image_views import PreparedPrompt
 
 TOKEN = "<image>"
 
@@ -45,7 +46,7 @@ def test_batched_greedy_replies_equal_one_at_a_time(lite):
     convs = _conversations()
     expected = _reference(lite, convs, 12)
     batcher = ContinuousBatcher(lite, max_batch=4)  # 6 conversations: two join as others leave
-    gens = [batcher.submit(m, i, max_new_tokens=12) for m, i in convs]
+    gens = [batcher.submit(lite.prepare(m, i), max_new_tokens=12) for m, i in convs]
     assert ["".join(g).strip() for g in gens] == expected
     assert batcher.rows_stepped / batcher.steps > 2  # rows really decoded together
     assert all(g.finish_reason in ("stop", "length") and len(g.tokens) <= 12 for g in gens)
@@ -56,9 +57,11 @@ def test_rows_join_a_running_batch_and_leave_early(lite):
     lengths = [3, 20, 7, 15, 1, 9]
     expected = [lite.chat(m, images=i, max_new_tokens=n) for (m, i), n in zip(convs, lengths, strict=True)]
     batcher = ContinuousBatcher(lite, max_batch=8)
-    first = [batcher.submit(m, i, max_new_tokens=n) for (m, i), n in zip(convs[:3], lengths[:3], strict=True)]
+    first = [batcher.submit(lite.prepare(m, i), max_new_tokens=n)
+             for (m, i), n in zip(convs[:3], lengths[:3], strict=True)]
     next(iter(first[1]))  # the batch is running: the rest join it mid-flight
-    late = [batcher.submit(m, i, max_new_tokens=n) for (m, i), n in zip(convs[3:], lengths[3:], strict=True)]
+    late = [batcher.submit(lite.prepare(m, i), max_new_tokens=n)
+            for (m, i), n in zip(convs[3:], lengths[3:], strict=True)]
     for gen in first + late:
         gen.wait()
     decode = lite.processor.tokenizer.decode
@@ -70,11 +73,11 @@ def test_a_follow_up_turn_reuses_the_cached_prefix_and_matches(tiny_lite):
     lite = tiny_lite(lora=False)
     messages, images = _conversations()[1]
     batcher = ContinuousBatcher(lite, max_batch=2)
-    first = batcher.submit(messages, images, max_new_tokens=6)
+    first = batcher.submit(lite.prepare(messages, images), max_new_tokens=6)
     reply = "".join(first).strip()
     follow = messages + [{"role": "assistant", "content": reply}, {"role": "user", "content": "and the size?"}]
     hits = lite.prompt_cache.hits
-    got = "".join(batcher.submit(follow, images, max_new_tokens=6)).strip()
+    got = "".join(batcher.submit(lite.prepare(follow, images), max_new_tokens=6)).strip()
     assert lite.prompt_cache.hits == hits + 1  # the batcher put the first turn's cache back
     lite.prompt_cache.clear()
     assert got == lite.chat(follow, images=images, max_new_tokens=6)
@@ -84,7 +87,7 @@ def test_closing_one_generation_leaves_the_others_unchanged(lite):
     convs = _conversations()[:3]
     expected = _reference(lite, convs, 15)
     batcher = ContinuousBatcher(lite, max_batch=3)
-    gens = [batcher.submit(m, i, max_new_tokens=15) for m, i in convs]
+    gens = [batcher.submit(lite.prepare(m, i), max_new_tokens=15) for m, i in convs]
     next(iter(gens[1]))
     gens[1].close()
     assert gens[1].finish_reason == "stop" and len(gens[1].tokens) < 15
@@ -93,19 +96,20 @@ def test_closing_one_generation_leaves_the_others_unchanged(lite):
 
 def test_timeout_ends_a_row(lite):
     (m, i), = _conversations()[:1]
-    timed = ContinuousBatcher(lite).submit(m, i, max_new_tokens=200, timeout_s=0.2)
+    timed = ContinuousBatcher(lite).submit(lite.prepare(m, i), max_new_tokens=200, timeout_s=0.2)
     "".join(timed)
     assert timed.finish_reason == "timeout" and len(timed.tokens) < 200
 
 
 def test_sampled_and_greedy_rows_share_a_batch_until_cancel_all(lite):
     (m, i), (m2, i2) = _conversations()[:2]
-    ids, embeds, _ = lite._prepare(m, i, 60)  # what lite.chat runs, as tokens
+    prompt = lite.prepare(m, i, max_new_tokens=60)  # what lite.chat runs, as tokens
+    ids, embeds = prompt.ids, prompt.embeds
     expected = lite.model.generate(torch.tensor([ids]), image_embeds=embeds, **lite._gen_kwargs(60))[0].tolist()
     cancel = threading.Event()
     batcher = ContinuousBatcher(lite, max_batch=4, cancel_all=cancel)
-    greedy = batcher.submit(m, i, max_new_tokens=60)
-    sampled = batcher.submit(m2, i2, max_new_tokens=60, temperature=0.9, top_p=0.8)
+    greedy = batcher.submit(lite.prepare(m, i), max_new_tokens=60)
+    sampled = batcher.submit(lite.prepare(m2, i2), max_new_tokens=60, temperature=0.9, top_p=0.8)
     chunks = iter(sampled)
     next(chunks)
     cancel.set()
@@ -118,8 +122,9 @@ def test_sampled_and_greedy_rows_share_a_batch_until_cancel_all(lite):
 def test_a_bad_request_fails_alone_and_the_worker_ends_when_idle(lite):
     (m, i), (m2, i2) = _conversations()[:2]
     batcher = ContinuousBatcher(lite, max_batch=4)
-    good = batcher.submit(m, i, max_new_tokens=5)
-    bad = batcher.submit(m2, [], max_new_tokens=5)  # an image placeholder without its image
+    good = batcher.submit(lite.prepare(m, i), max_new_tokens=5)
+    # image tokens without their embeddings: the prefill fails, for this request only
+    bad = batcher.submit(PreparedPrompt(lite.prepare(m2, i2).ids, None, [], []), max_new_tokens=5)
     with pytest.raises(Exception, match="image"):
         "".join(bad)
     assert bad.finish_reason == "error"
@@ -140,6 +145,6 @@ def test_a_worker_crash_during_admission_ends_that_generation_too(lite, monkeypa
         raise RuntimeError("join failed")
 
     monkeypatch.setattr(batcher, "_join", broken_join)
-    gen = batcher.submit(m, i, max_new_tokens=5)
+    gen = batcher.submit(lite.prepare(m, i), max_new_tokens=5)
     assert gen.wait(timeout=30), "the generation was left hanging"
     assert gen.finish_reason == "error" and "join failed" in str(gen.error)

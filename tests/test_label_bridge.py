@@ -133,15 +133,18 @@ def test_a_photo_reaches_the_llm_as_the_heads_guesses(bridged_lite):
     assert ev.outside and not lite.evidence(drawing).outside
     assert sum(p for _, p in ev.classes) == pytest.approx(1.0, abs=1e-3)
     tok = lite.processor.tokenizer
-    ids, embeds, keys = lite._prepare([lite.user_message("what is this?")], [photo], 8)
+    prompt = lite.prepare([lite.user_message("what is this?")], [photo], max_new_tokens=8)
+    ids, embeds, keys = prompt.ids, prompt.embeds, prompt.keys
     assert embeds is None and keys == []
     assert lite.processor.image_token_id not in ids
     assert evidence_text(ev.classes, lite.config.label_bridge) in tok.decode(ids)
-    ids, embeds, _ = lite._prepare([lite.user_message("what is this?")], [drawing], 8)
+    prompt = lite.prepare([lite.user_message("what is this?")], [drawing], max_new_tokens=8)
+    ids, embeds = prompt.ids, prompt.embeds
     assert embeds.shape[0] == 1 and ids.count(lite.processor.image_token_id) == lite.processor.num_image_tokens
     # a conversation with both: the drawing's tokens stay, the photo becomes text
     msg = {"role": "user", "content": "<image>\n<image>\ncompare them"}
-    ids, embeds, _ = lite._prepare([msg], [drawing, photo], 8)
+    prompt = lite.prepare([msg], [drawing, photo], max_new_tokens=8)
+    ids, embeds = prompt.ids, prompt.embeds
     assert embeds.shape[0] == 1 and evidence_text(ev.classes, lite.config.label_bridge) in tok.decode(ids)
     # every path agrees: ask, ask_batch (mixed rows) and ask_many
     one = lite.ask(photo, "what is this?", max_new_tokens=6)
@@ -205,7 +208,8 @@ def test_the_bridge_stage_fits_the_gate_and_a_real_photo_goes_in_as_words(tiny_l
     cat = str(Path(skimage.__file__).parent / "data" / "chelsea.png")
     scene = generated_scenes(cache_dir() / "data", "train", 40, 0)[0]["image"]
     assert lite.evidence(cat).outside and not lite.evidence(scene).outside
-    ids, embeds, _ = lite._prepare([lite.user_message("what is this?")], [cat], 8)
+    prompt = lite.prepare([lite.user_message("what is this?")], [cat], max_new_tokens=8)
+    ids, embeds = prompt.ids, prompt.embeds
     assert embeds is None and "[a photo; the image classifier" in lite.processor.tokenizer.decode(ids)
     # the same stage on any checkpoint, with --init
     run_recipe(recipe, ["bridge"], tmp_path / "again", progress=False, init_from=tmp_path / "run" / "1-align" / "model")

@@ -34,7 +34,8 @@ def _greedy_under_torch(ref, messages, images, tokens: list[int], tol: float = 1
     chosen token's logit is within `tol` of the best (relative to that step's largest |logit|).
     Random tiny models have near-ties that 1e-6 differences in summation order can flip; exact
     equality on the real model is measured by `llava-lite eval` (300/300 easy-VQA answers)."""
-    ids, embeds, _ = ref._prepare(messages, images, len(tokens))
+    prompt = ref.prepare(messages, images, max_new_tokens=len(tokens))
+    ids, embeds = prompt.ids, prompt.embeds
     with torch.no_grad():
         full = ref.model.embed(torch.tensor([ids + tokens[:-1]]), embeds)
         logits = ref.model.llm(inputs_embeds=full).logits[0, len(ids) - 1:]
@@ -43,7 +44,8 @@ def _greedy_under_torch(ref, messages, images, tokens: list[int], tol: float = 1
 
 
 def _llamacpp_tokens(fast, messages, images, n: int) -> list[int]:
-    ids, embeds, keys = fast._prepare(messages, images, n)
+    prompt = fast.prepare(messages, images, max_new_tokens=n)
+    ids, embeds, keys = prompt.ids, prompt.embeds, prompt.keys
     opts = fast._gen_kwargs(max_new_tokens=n, min_new_tokens=n)
     return list(tokens(fast, ids, embeds, keys, opts))
 
@@ -72,7 +74,8 @@ def test_a_follow_up_turn_prefills_only_its_new_part(pair, images):
     turn1 = [fast.user_message(QUESTION)]
     reply = fast.chat(turn1, images=[images[1]], max_new_tokens=6, min_new_tokens=6)
     turn2 = [*turn1, {"role": "assistant", "content": reply}, {"role": "user", "content": "And the colours?"}]
-    ids, _, _ = fast._prepare(turn2, [images[1]], 6)
+    prompt = fast.prepare(turn2, [images[1]], max_new_tokens=6)
+    ids = prompt.ids
     second = fast.chat(turn2, images=[images[1]], max_new_tokens=6, min_new_tokens=6)
     assert 0 < fast.decoder.last_prefill < len(ids) - 40  # the image and the first turn were kept
     assert second == fast.processor.tokenizer.decode(_llamacpp_tokens(fast, turn2, [images[1]], 6),
@@ -100,9 +103,11 @@ def test_llamacpp_batcher_rows_equal_one_at_a_time_and_join_mid_flight(pair, ima
     convs = _conversations(ref, images)
     lengths = [3, 14, 7, 12, 1, 9]
     batcher = LlamaCppBatcher(fast, max_batch=4, exact_kv=True)  # 6 conversations through 4 slots
-    first = [batcher.submit(m, i, max_new_tokens=n) for (m, i), n in zip(convs[:3], lengths[:3], strict=True)]
+    first = [batcher.submit(fast.prepare(m, i), max_new_tokens=n)
+             for (m, i), n in zip(convs[:3], lengths[:3], strict=True)]
     next(iter(first[1]))  # running: the rest join mid-flight
-    late = [batcher.submit(m, i, max_new_tokens=n) for (m, i), n in zip(convs[3:], lengths[3:], strict=True)]
+    late = [batcher.submit(fast.prepare(m, i), max_new_tokens=n)
+            for (m, i), n in zip(convs[3:], lengths[3:], strict=True)]
     for gen in first + late:
         gen.wait()
     gens = first + late
@@ -117,14 +122,15 @@ def test_llamacpp_batcher_follow_up_reuses_its_slot_and_close_leaves_others(pair
     ref, fast = pair
     batcher = LlamaCppBatcher(fast, max_batch=3, exact_kv=True)
     (m, i), (m2, i2), (m3, i3) = _conversations(ref, images, 3)
-    reply = "".join(batcher.submit(m, i, max_new_tokens=6)).strip()
+    reply = "".join(batcher.submit(fast.prepare(m, i), max_new_tokens=6)).strip()
     follow = m + [{"role": "assistant", "content": reply}, {"role": "user", "content": "and the size?"}]
-    ids, _, _ = fast._prepare(follow, i, 6)
-    second = batcher.submit(follow, i, max_new_tokens=6)
+    prompt = fast.prepare(follow, i, max_new_tokens=6)
+    ids = prompt.ids
+    second = batcher.submit(fast.prepare(follow, i), max_new_tokens=6)
     second.wait()
     assert fast.decoder.last_prefill < len(ids) - 40  # the image and first turn stayed in the slot
     assert _greedy_under_torch(ref, follow, i, second.tokens)
-    gens = [batcher.submit(mm, ii, max_new_tokens=15) for mm, ii in ((m2, i2), (m3, i3))]
+    gens = [batcher.submit(fast.prepare(mm, ii), max_new_tokens=15) for mm, ii in ((m2, i2), (m3, i3))]
     next(iter(gens[0]))
     gens[0].close()
     assert gens[0].finish_reason == "stop" and len(gens[0].tokens) < 15

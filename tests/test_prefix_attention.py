@@ -65,7 +65,7 @@ def _batch_and_module(tiny_lite, images, tmp_path):
 
 def _loss_and_grads(lite, module, packs, attention):
     module.zero_grad()
-    batch = stepping.collate(packs, lite.processor, None, lite.model.vision_tower, packed=True, attention=attention)
+    batch = stepping.collate(packs, lite.processor, None, packed=True, attention=attention)
     loss, _ = module(**batch)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
@@ -91,7 +91,7 @@ def test_an_llm_that_ignores_the_layout_is_refused(tiny_lite, images, tmp_path, 
 
     lite, packs, module = _batch_and_module(tiny_lite, images, tmp_path)
     monkeypatch.setattr(loop, "prefix_attention", lambda llm: nullcontext())  # attention never sees it
-    batch = stepping.collate(packs, lite.processor, None, lite.model.vision_tower, packed=True)
+    batch = stepping.collate(packs, lite.processor, None, packed=True)
     with pytest.raises(ConfigError, match="pack_attention=mask"):
         module(**batch)
 

@@ -233,10 +233,9 @@ def test_prefix_shared_packing_gives_the_separate_rows_losses(tiny_lite, images,
     assert [p.members for p in packs] == [3, 2]
     assert sum(len(p.input_ids) for p in packs) < sum(len(r.input_ids) for r in rows) * 0.6
     module = loop.TrainModule(lite.model, contrastive=False)
-    tower = lite.model.vision_tower
     with torch.no_grad():
-        packed, _ = module(**stepping.collate(packs, lite.processor, None, tower, packed=True, attention=attention))
-        separate = sum(module(**stepping.collate([single(r)], lite.processor, None, tower, packed=False))[0]
+        packed, _ = module(**stepping.collate(packs, lite.processor, None, packed=True, attention=attention))
+        separate = sum(module(**stepping.collate([single(r)], lite.processor, None, packed=False))[0]
                        for r in rows)
     assert packed.item() == pytest.approx(separate.item(), rel=1e-5)
     # swapping one question changes the pack's loss by exactly that question's own change
@@ -245,7 +244,7 @@ def test_prefix_shared_packing_gives_the_separate_rows_losses(tiny_lite, images,
 
     def loss(items, packed):
         with torch.no_grad():
-            return module(**stepping.collate(items, lite.processor, None, tower, packed=packed,
+            return module(**stepping.collate(items, lite.processor, None, packed=packed,
                                              attention=attention))[0].item()
 
     changed = loss(pack_rows(other, lite.processor.image_token_id, 16, 256), True)
@@ -282,10 +281,9 @@ def test_text_only_rows_distil_to_the_base_llm(tiny_lite, images, tmp_path):
     images[0].save(tmp_path / "a.png")
     image_row = _encoded_rows(lite, tmp_path / "a.png", [("What color?", "red")])[0]
     text_row = _text_row(lite, "Name a fruit.", "An apple, or a pear.")
-    tower = lite.model.vision_tower
 
     def batch(rows):
-        return stepping.collate([single(r) for r in rows], lite.processor, None, tower, packed=False)
+        return stepping.collate([single(r) for r in rows], lite.processor, None, packed=False)
 
     plain = loop.TrainModule(lite.model, contrastive=False)
     distil = loop.TrainModule(lite.model, contrastive=False, distill=True)

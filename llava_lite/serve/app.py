@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from llava_lite.api import CAPTION_PROMPT
+from llava_lite.image_views import ImageView
 from llava_lite.serve.engine import ChatEngine, ChatRequest, GenerationStats, UserFacingError
 from llava_lite.serve.examples import chat_examples
 from llava_lite.serve.gradio_history import ERROR_MARK, EVIDENCE_MARK, history_to_request
@@ -48,19 +49,16 @@ def make_chat_fn(engine: ChatEngine):
             return
         if not reply:
             yield "(the model returned an empty reply)"
-        elif note := evidence_note(engine, files):
+        elif note := evidence_note(stats.image_views[len(stats.image_views) - len(files):]):
             yield reply + EVIDENCE_MARK + note
 
     return respond
 
 
-def evidence_note(engine: ChatEngine, files: list[str]) -> str:
-    """For the photos among `files` that the model saw only through the label bridge, what
-    the tower's classifier said (shown under the reply, never sent back to the model)."""
-    try:
-        views = engine.lite.image_views(files)
-    except Exception:  # noqa: BLE001 - the reply already succeeded; the note is a nicety
-        return ""
+def evidence_note(views: list[ImageView]) -> str:
+    """For the photos among `views` (this turn's images) that the model saw only through the
+    label bridge, what the tower's classifier said (shown under the reply, never sent back to
+    the model)."""
     notes = [", ".join(f"{name} {p:.0%}" for name, p in v.evidence.classes[:3])
              for v in views if v.bridge_text is not None]
     if not notes:

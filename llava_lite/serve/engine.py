@@ -11,13 +11,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llava_lite import LlavaLite
 from llava_lite.continuous_batching import ContinuousBatcher, Generation
-from llava_lite.images import ImageInput, ImageLoadError, load_image
+from llava_lite.image_views import ImageView, PreparedPrompt
+from llava_lite.images import ImageInput, ImageLoadError
+from llava_lite.processor import ImageLimits, ImageSourceError
 from llava_lite.prompting import ConversationError, SequenceTooLongError
 from llava_lite.serve.limits import ServeLimits
 
@@ -51,6 +53,7 @@ class GenerationStats:
     first_token_s: float | None = None
     total_s: float = 0.0
     finish_reason: str = "stop"  # "stop", "length", "timeout", "cancelled" (server shutdown) or "error"
+    image_views: list[ImageView] = field(default_factory=list)  # the request's images after the tower
 
 
 class ChatEngine:
@@ -95,22 +98,7 @@ class ChatEngine:
         return f"model `{self.model_name}` · quantization `{self.lite.quantization}`"
 
     # -- validation ----------------------------------------------------------------
-    def _load_images(self, images: Sequence[ImageInput]) -> list:
-        if len(images) > self.limits.max_images:
-            raise UserFacingError(
-                f"This conversation has {len(images)} images; the server accepts at most "
-                f"{self.limits.max_images}. Clear the chat to start again."
-            )
-        loaded = []
-        for img in images:
-            try:
-                loaded.append(load_image(img, max_pixels=self.limits.max_image_pixels,
-                                         max_file_bytes=self.limits.max_upload_bytes))
-            except ImageLoadError as err:
-                raise UserFacingError(_hide_dirs(str(err), img)) from err
-        return loaded
-
-    def _check(self, request: ChatRequest) -> tuple[list[int], list, int]:
+    def _check(self, request: ChatRequest) -> tuple[PreparedPrompt, int]:
         user_turns = [m for m in request.messages if m.get("role") == "user"]
         if not user_turns or not str(user_turns[-1].get("content", "")).replace(
                 self.lite.config.image_token, "").strip():
@@ -121,31 +109,36 @@ class ChatEngine:
                     f"That message is {len(msg['content'])} characters; the limit is "
                     f"{self.limits.max_message_chars}."
                 )
+        if len(request.images) > self.limits.max_images:
+            raise UserFacingError(
+                f"This conversation has {len(request.images)} images; the server accepts at most "
+                f"{self.limits.max_images}. Clear the chat to start again."
+            )
         max_new = max(1, min(int(request.max_new_tokens), self.limits.max_new_tokens))
-        images = self._load_images(request.images)
+        limits = ImageLimits(max_pixels=self.limits.max_image_pixels, max_file_bytes=self.limits.max_upload_bytes)
         try:
-            self.lite.processor.check_image_count(request.messages, len(images))
-            ids = self.lite.processor.encode_prompt(request.messages, max_new_tokens=1)
+            prompt = self.lite.prepare(request.messages, request.images, max_new_tokens=1, limits=limits)
+        except ImageSourceError as err:
+            raise UserFacingError(_hide_dirs(str(err), err.source)) from err
         except SequenceTooLongError as err:
             raise UserFacingError(
                 f"The conversation is too long for the model's context of {self.lite.config.max_length} "
                 "tokens (images included). Clear the chat or shorten the message.") from err
-        except ConversationError as err:
+        except (ConversationError, ImageLoadError) as err:
             raise UserFacingError(str(err)) from err
         # A reply shortened to fit the context beats refusing a prompt that fits.
-        max_new = min(max_new, self.lite.config.max_length - len(ids))
-        return ids, images, max_new
+        return prompt, min(max_new, self.lite.config.max_length - len(prompt.ids))
 
     # -- generation ----------------------------------------------------------------
     def stream(self, request: ChatRequest, stats: GenerationStats | None = None) -> Iterator[str]:
         """Yield the reply's text chunks; raises UserFacingError for refused requests."""
         stats = stats if stats is not None else GenerationStats()
-        ids, images, max_new = self._check(request)
-        stats.prompt_tokens = len(ids)
+        prompt, max_new = self._check(request)
+        stats.prompt_tokens, stats.image_views = len(prompt.ids), prompt.views
         self._acquire()
         start = time.perf_counter()
         gen = self.batcher.submit(
-            request.messages, images, max_new_tokens=max_new, temperature=float(request.temperature),
+            prompt, max_new_tokens=max_new, temperature=float(request.temperature),
             top_p=float(request.top_p), timeout_s=self.limits.generation_timeout_s)
         try:
             for chunk in gen:

@@ -13,8 +13,6 @@ import torch
 
 from llava_lite.checkpoint import save_checkpoint
 from llava_lite.feature_cache import FeatureCache
-from llava_lite.images import load_image
-from llava_lite.prompting import IGNORE_INDEX
 from llava_lite.train import sharding
 from llava_lite.train.batching import BatchSchedule, shard
 from llava_lite.train.engine import EngineRun, StepResult
@@ -97,25 +95,21 @@ class StageRun(EngineRun):
         finish_stage(self, result, progress)
 
 
-def collate(packs: list[Pack], processor, cache: FeatureCache | None, tower, packed: bool,
+def collate(packs: list[Pack], processor, cache: FeatureCache | None, packed: bool,
             attention: str = "prefix") -> dict[str, Any]:
     """A micro-batch. Packs attend by `attention`: "prefix" gives a `pack_layout` for
     train/prefix_attention.py beside the padding mask, "mask" the dense block mask."""
-    input_ids, attention_mask = processor.pad([p.input_ids for p in packs], side="right")
-    labels, _ = processor.pad([p.labels for p in packs], side="right", value=IGNORE_INDEX)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    if packed and attention == "prefix":
-        width = input_ids.shape[1]
-        batch["pack_layout"] = layout_of([p.segments for p in packs], width)
-        batch["position_ids"] = processor.pad([p.positions for p in packs], side="right", value=0)[0]
-    elif packed:
-        batch["attention_mask"], batch["position_ids"] = pack_attention(packs, input_ids.shape[1])
     images = [p for pack in packs for p in pack.images]
-    if images:
-        if cache is not None:
-            batch["vision_features"] = cache.get_many(images).float()
-        else:
-            batch["pixel_values"] = tower.preprocess([load_image(p) for p in images])
+    prefix = packed and attention == "prefix"
+    batch = processor.collate_training(packs, images=images if cache is None else (),
+                                       positions=[p.positions for p in packs] if prefix else None)
+    width = batch["input_ids"].shape[1]
+    if prefix:
+        batch["pack_layout"] = layout_of([p.segments for p in packs], width)
+    elif packed:
+        batch["attention_mask"], batch["position_ids"] = pack_attention(packs, width)
+    if images and cache is not None:
+        batch["vision_features"] = cache.get_many(images).float()
     return batch
 
 
@@ -135,7 +129,7 @@ def _accumulate(run: StageRun, step: int) -> tuple[float, torch.Tensor, int]:
     con_total = torch.zeros((), device=acc.device)
     for idx in chunks:
         batch = collate([run.data.rows[i] for i in idx], run.processor, run.cache,
-                        run.unwrapped.model.vision_tower, stage.pack_shared_prefix, run.recipe.pack_attention)
+                        stage.pack_shared_prefix, run.recipe.pack_attention)
         batch = {key: v.to(acc.device) if torch.is_tensor(v) else v for key, v in batch.items()}
         # accelerate syncs gradients (DDP, FSDP) only on the step's last micro-batch
         with acc.accumulate(run.module):
