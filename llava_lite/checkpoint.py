@@ -17,7 +17,7 @@ from llava_lite.atomic import atomic_dir
 from llava_lite.config import ConfigError, LlavaLiteConfig
 from llava_lite.domain_gate import GATE_NAME, DomainGate
 from llava_lite.llm import llm_hidden_size, load_llm
-from llava_lite.lora import add_lora, is_peft, load_lora
+from llava_lite.lora import add_lora, is_peft, load_adapter_weights, load_lora
 from llava_lite.modeling import LlavaLiteModel
 from llava_lite.processor import LlavaLiteProcessor
 from llava_lite.projectors import build_projector
@@ -56,8 +56,7 @@ def build_model(
             projector = build_projector(config.projector.name, tower.hidden_size, llm_hidden_size(llm))
     projector.to(dtype)
     if ckpt is not None and (ckpt / PROJECTOR_NAME).is_file():
-        state = load_file(str(ckpt / PROJECTOR_NAME))
-        projector.load_state_dict(state, strict=True)
+        load_projector(projector, ckpt)
     if config.lora.enabled:
         if ckpt is not None and (ckpt / ADAPTER_DIR).is_dir():
             llm = load_lora(llm, ckpt / ADAPTER_DIR, trainable=trainable_lora)
@@ -71,6 +70,22 @@ def build_model(
         model.domain_gate = _load_gate(config, tower, ckpt)
     model.eval()
     return model, processor
+
+
+def load_projector(projector, ckpt: Path) -> None:
+    path = ckpt / PROJECTOR_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the checkpoint has no projector weights")
+    projector.load_state_dict(load_file(str(path)), strict=True)
+
+
+def load_weights(model: LlavaLiteModel, ckpt: str | Path) -> None:
+    """A checkpoint's trained weights (projector, LoRA adapter) into a live model built from
+    the same config: how a training run resumes. `build_model` reads the same files."""
+    ckpt = Path(ckpt)
+    load_projector(model.projector, ckpt)
+    if is_peft(model.llm):
+        load_adapter_weights(model.llm, ckpt / ADAPTER_DIR)
 
 
 def _load_gate(config: LlavaLiteConfig, tower, ckpt: Path | None) -> DomainGate:

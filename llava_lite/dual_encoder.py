@@ -25,6 +25,7 @@ from llava_lite.registry import VISION_TOWERS, Registry
 
 TEXT_ENCODERS: Registry = Registry("text encoder")
 CONFIG_NAME = "dual_encoder.json"
+WEIGHTS_NAME = "dual_encoder.safetensors"
 
 
 @dataclass
@@ -184,23 +185,30 @@ class DualEncoder(nn.Module):
 
         with atomic_dir(path) as tmp:
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-            save_file(self.trainable_state(), str(tmp / "dual_encoder.safetensors"))
+            save_file(self.trainable_state(), str(tmp / WEIGHTS_NAME))
         return Path(path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> DualEncoder:
-        from safetensors.torch import load_file
-
         path = Path(path)
         cfg_file = path / CONFIG_NAME
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{path}: not a dual encoder folder (no {CONFIG_NAME})")
         model = cls(DualEncoderConfig.from_dict(read_json_config(cfg_file)))
-        missing = set(model.trainable_state()) - set(state := load_file(str(path / "dual_encoder.safetensors")))
-        if missing:
-            raise ConfigError(f"{path}: weights missing for {sorted(missing)[:5]}")
-        model.load_state_dict(state, strict=False)
+        model.load_weights(path)
         return model.eval()
+
+    def load_weights(self, path: str | Path) -> None:
+        """The trained weights of a saved folder into this model (loading and resuming)."""
+        from safetensors.torch import load_file
+
+        weights = Path(path) / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: the dual encoder's weights are missing")
+        missing = set(self.trainable_state()) - set(state := load_file(str(weights)))
+        if missing:
+            raise ConfigError(f"{path}: weights missing for {sorted(missing)[:5]}; was it saved with this config?")
+        self.load_state_dict(state, strict=False)
 
 
 class HFCLIP:

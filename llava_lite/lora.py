@@ -41,3 +41,16 @@ def is_peft(llm) -> bool:
     from peft import PeftModel
 
     return isinstance(llm, PeftModel)
+
+
+def load_adapter_weights(llm, adapter_dir: Path) -> None:
+    """A saved adapter's weights into the live LoRA adapter of `llm` (resuming training)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: the checkpoint has no LoRA weights")
+    result = set_peft_model_state_dict(llm, load_file(str(weights)))
+    if getattr(result, "unexpected_keys", None):
+        raise RuntimeError(f"{weights}: unexpected LoRA keys {result.unexpected_keys[:3]}")

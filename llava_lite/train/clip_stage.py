@@ -32,7 +32,6 @@ from llava_lite.train.engine import METRICS, STAGE_DONE, EngineRun, StepResult, 
 from llava_lite.train.state import MODEL_DIR
 
 STAGE = "clip"
-WEIGHTS = "dual_encoder.safetensors"
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -131,14 +130,7 @@ class ContrastiveRun(EngineRun):
         self.unwrapped.model.save_pretrained(folder)
 
     def load_weights(self, ckpt: Path) -> None:
-        from safetensors.torch import load_file
-
-        model = self.module.model
-        state = load_file(str(ckpt / MODEL_DIR / WEIGHTS))
-        missing = set(model.trainable_state()) - set(state)
-        if missing:
-            raise ConfigError(f"{ckpt}: checkpoint lacks {sorted(missing)[:3]}; was it saved by this recipe?")
-        model.load_state_dict(state, strict=False)
+        self.module.model.load_weights(ckpt / MODEL_DIR)
 
     def finish(self, result: dict[str, Any], progress: bool) -> None:
         from llava_lite.train.clip_eval import evaluate

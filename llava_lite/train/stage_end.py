@@ -1,17 +1,15 @@
-"""The end of a LLaVA stage, and its weights put back on resume: the final model (gathered
-under FSDP), the label bridge's domain gate, the loss plot and the stage-end evaluation."""
+"""The end of a LLaVA stage: the final model (gathered under FSDP), the label bridge's domain
+gate, the loss plot and the stage-end evaluation."""
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from llava_lite.checkpoint import PROJECTOR_NAME, load_model_folder, save_checkpoint
+from llava_lite.checkpoint import load_model_folder, save_checkpoint
 from llava_lite.config import ConfigError, LlavaLiteConfig
-from llava_lite.lora import is_peft
 from llava_lite.train import sharding
 from llava_lite.train.engine import METRICS
 from llava_lite.train.state import MODEL_DIR
@@ -51,18 +49,3 @@ def _fit_domain_gate(run) -> None:
     model.domain_gate = DomainGate.fit(feats)
     model.config.label_bridge = LlavaLiteConfig.from_dict(run.recipe.model.to_dict()).label_bridge
     print(f"[{run.name}] domain gate fitted on {len(images)} images (threshold {model.domain_gate.threshold:.2f})")
-
-
-def load_trained_weights(module, model_dir: Path) -> None:
-    """Put a training checkpoint's projector and LoRA weights into the live model."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    module.model.projector.load_state_dict(load_file(str(model_dir / PROJECTOR_NAME)), strict=True)
-    adapter = model_dir / "adapter" / "adapter_model.safetensors"
-    if is_peft(module.model.llm):
-        if not adapter.is_file():
-            raise FileNotFoundError(f"{adapter}: checkpoint has no LoRA weights to resume from")
-        result = set_peft_model_state_dict(module.model.llm, load_file(str(adapter)))
-        if getattr(result, "unexpected_keys", None):
-            raise RuntimeError(f"{adapter}: unexpected LoRA keys {result.unexpected_keys[:3]}")

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from llava_lite import checkpoint
 from llava_lite.checkpoint import save_checkpoint
 from llava_lite.feature_cache import FeatureCache
 from llava_lite.train import sharding
@@ -20,7 +21,7 @@ from llava_lite.train.packing import Pack, pack_attention
 from llava_lite.train.precision import frozen_linear_weights
 from llava_lite.train.prefix_attention import layout_of, prefix_attention
 from llava_lite.train.recipe import StageConfig, TrainRecipe
-from llava_lite.train.stage_end import finish_stage, load_trained_weights
+from llava_lite.train.stage_end import finish_stage
 from llava_lite.train.state import MODEL_DIR, read_extra_tensors
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -77,7 +78,7 @@ class StageRun(EngineRun):
         save_checkpoint(self.unwrapped.model, folder, weights=weights)
 
     def load_weights(self, ckpt: Path) -> None:
-        load_trained_weights(self.module, ckpt / MODEL_DIR)
+        checkpoint.load_weights(self.module.model, ckpt / MODEL_DIR)
         scale = read_extra_tensors(ckpt).get("logit_scale")
         if scale is not None and self.module.logit_scale is not None:
             self.module.logit_scale.log_scale.data.copy_(scale)
