@@ -325,15 +325,13 @@ class LlavaLite:
             return self.ask_batch(conv.images * len(questions), questions, max_new_tokens=max_new_tokens)
         prompts = [self.processor.encode_prompt([self.user_message(q)], max_new_tokens=max_new_tokens)
                    for q in questions]
-        shared = common_prefix_len(*prompts)
-        shared = min(shared, min(len(p) for p in prompts) - 1)  # every row keeps >= 1 own token
-        embeds = view.embed[None]
+        shared = min(common_prefix_len(*prompts), min(len(p) for p in prompts) - 1)  # rows keep >= 1 own token
         head = torch.tensor([prompts[0][:shared]], device=self.device)
         # The shared prefix holds the whole image block (questions follow the image), so the
         # image embeddings are scattered into the prefix only.
         if int((head == self.processor.image_token_id).sum()) != self.processor.num_image_tokens:
             return self.ask_batch([image] * len(questions), questions, max_new_tokens=max_new_tokens)
-        head_embeds = self.model.embed(head, embeds)
+        head_embeds = self.model.embed(head, view.embed[None])
         llm = self.model.llm
         out = llm(inputs_embeds=head_embeds, use_cache=True)
         cache = output_cache(out)

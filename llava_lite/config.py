@@ -1,11 +1,11 @@
-"""Dataclass configs. A model's behaviour comes only from these, saved with every checkpoint."""
+"""Dataclass configs. A model's behaviour comes only from these, saved with every checkpoint.
+Loading, validation style and overrides are `llava_lite.settings`'s, shared by every config."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+
+from llava_lite.settings import ConfigError, Settings
 
 CONFIG_FORMAT_VERSION = 1
 
@@ -13,8 +13,8 @@ CONFIG_FORMAT_VERSION = 1
 # `quantize` modes that decode the LLM in llama.cpp -> the GGUF storage of its matrices
 LLAMACPP_MODES = {"llamacpp-f32": "f32", "llamacpp-f16": "f16", "llamacpp-q8_0": "q8_0"}
 
-class ConfigError(ValueError):
-    """A configuration file or value is invalid."""
+__all__ = ["CONFIG_FORMAT_VERSION", "LLAMACPP_MODES", "ConfigError", "LLMConfig", "LabelBridgeConfig",
+           "LlavaLiteConfig", "LoraConfig", "ProjectorConfig", "VisionConfig"]
 
 
 @dataclass
@@ -85,7 +85,7 @@ class LabelBridgeConfig:
 
 
 @dataclass
-class LlavaLiteConfig:
+class LlavaLiteConfig(Settings):
     """Everything needed to rebuild a llava-lite model.
 
     image_token: the placeholder text that marks where an image goes in a message.
@@ -152,55 +152,3 @@ class LlavaLiteConfig:
                 f"understands ({CONFIG_FORMAT_VERSION}); upgrade llava-lite"
             )
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> LlavaLiteConfig:
-        """Build from a dict, rejecting unknown keys with the file they came from."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
-        nested = {"vision": VisionConfig, "projector": ProjectorConfig, "llm": LLMConfig, "lora": LoraConfig,
-                  "label_bridge": LabelBridgeConfig}
-        kwargs: dict[str, Any] = {}
-        known = {f.name for f in fields(cls)}
-        for key, value in data.items():
-            if key not in known:
-                raise ConfigError(f"{source}: unknown config key {key!r}; known keys: {sorted(known)}")
-            if key in nested:
-                kwargs[key] = _build_section(nested[key], value, f"{source}: {key}")
-            else:
-                kwargs[key] = value
-        try:
-            return cls(**kwargs).validate()
-        except TypeError as err:
-            raise ConfigError(f"{source}: {err}") from err
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> LlavaLiteConfig:
-        return cls.from_dict(read_json_config(path), source=str(path))
-
-
-def read_json_config(path: str | Path) -> Any:
-    """A JSON config file's contents; ConfigError naming the file if missing or malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from err
-
-
-def _build_section(section_cls: type, value: Any, where: str) -> Any:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected an object, got {type(value).__name__}")
-    known = {f.name for f in fields(section_cls)}
-    unknown = set(value) - known
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known keys: {sorted(known)}")
-    return section_cls(**value)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llava_lite.config import ConfigError, VisionConfig, read_json_config
+from llava_lite.config import ConfigError, VisionConfig
 from llava_lite.contrastive import LogitScale, clip_loss
 from llava_lite.images import ImageInput, load_image
 from llava_lite.registry import VISION_TOWERS, Registry
+from llava_lite.settings import Settings
 
 TEXT_ENCODERS: Registry = Registry("text encoder")
 CONFIG_NAME = "dual_encoder.json"
@@ -39,7 +40,7 @@ class TextEncoderConfig:
 
 
 @dataclass
-class DualEncoderConfig:
+class DualEncoderConfig(Settings):
     vision: VisionConfig = field(default_factory=lambda: VisionConfig(name="efficientnet-lite0"))
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     embed_dim: int = 256
@@ -55,16 +56,6 @@ class DualEncoderConfig:
             raise ConfigError(f"embed_dim must be positive, got {self.embed_dim}")
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DualEncoderConfig:
-        try:
-            return cls(vision=VisionConfig(**data.get("vision", {})), text=TextEncoderConfig(**data.get("text", {})),
-                       **{k: v for k, v in data.items() if k not in ("vision", "text")}).validate()
-        except TypeError as err:
-            raise ConfigError(f"dual encoder config: {err}") from err
 
 
 @dataclass
@@ -194,7 +185,7 @@ class DualEncoder(nn.Module):
         cfg_file = path / CONFIG_NAME
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{path}: not a dual encoder folder (no {CONFIG_NAME})")
-        model = cls(DualEncoderConfig.from_dict(read_json_config(cfg_file)))
+        model = cls(DualEncoderConfig.load(cfg_file))
         model.load_weights(path)
         return model.eval()
 

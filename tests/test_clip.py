@@ -152,9 +152,9 @@ def test_clip_recipe_trains_saves_and_serves_the_cli(tiny_clip_dir, tiny_text_di
     from llava_lite.cli import main
     from llava_lite.config import VisionConfig
     from llava_lite.dual_encoder import DualEncoderConfig, TextEncoderConfig
+    from llava_lite.settings import apply_overrides
     from llava_lite.train.clip_recipe import ClipRecipe
     from llava_lite.train.clip_stage import run_clip_recipe
-    from llava_lite.train.recipe import apply_overrides
 
     recipe = ClipRecipe(
         name="clip-tiny",

@@ -34,7 +34,7 @@ def test_train_lists_recipes_and_rejects_bad_overrides(capsys):
     listed = capsys.readouterr().out
     assert all(name in listed for name in ("demo", "tiny", "llava15-7b"))
     assert main(["train", "--recipe", "tiny", "adapter.nope=1"]) == 1
-    assert "no such recipe field 'nope'" in capsys.readouterr().err
+    assert "no such field 'nope'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -158,7 +158,7 @@ def test_transformers_made_folder_trains_a_step_and_saves(tiny_clip_dir, tiny_ll
     checkpoint that reloads with the trained weights."""
     from llava_lite.recipes import get_recipe
 
-    from llava_lite.train.recipe import apply_overrides
+    from llava_lite.settings import apply_overrides
     from llava_lite.train.run import run_recipe
 
     folder = tmp_path / "llava-hf"

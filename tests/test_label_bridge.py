@@ -171,7 +171,7 @@ def test_the_gate_saves_with_the_checkpoint_and_is_required_by_it(bridged_lite, 
 def test_fit_domain_gate_needs_the_bridge_on():
     from llava_lite.recipes import get_recipe
 
-    from llava_lite.train.recipe import apply_overrides
+    from llava_lite.settings import apply_overrides
 
     with pytest.raises(ConfigError, match="fit_domain_gate needs"):
         apply_overrides(get_recipe("demo"), ["model.label_bridge.enabled=false"])
@@ -193,7 +193,7 @@ def test_the_bridge_stage_fits_the_gate_and_a_real_photo_goes_in_as_words(tiny_l
     from llava_lite import LlavaLite
     from llava_lite.data.builders import generated_scenes
     from llava_lite.packaged import cache_dir
-    from llava_lite.train.recipe import apply_overrides
+    from llava_lite.settings import apply_overrides
     from llava_lite.train.run import run_recipe
 
     recipe = apply_overrides(get_recipe("tiny"), [

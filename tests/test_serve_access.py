@@ -202,7 +202,8 @@ def test_serve_config_file_toml_and_yaml_with_flags_on_top(tmp_path):
     config = ServeConfig.load(yaml)
     assert config.host == "0.0.0.0" and config.rate_limit.concurrent == 2
     for text, needle in (("prot = 1\n", "unknown key"), ("[limits]\nconcurrency = 0\n", "must be positive"),
-                         ("port = 'x'\n", "expected int"), ("[auth]\nusers = ['bad']\n", "name:password"),
+                         ("port = 'x'\n", "port: input should be a valid integer"),
+                         ("[auth]\nusers = ['bad']\n", "name:password"),
                          ("port = \n", "not valid TOML")):
         toml.write_text(text)
         with pytest.raises(ConfigError, match=needle):

@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from llava_lite.config import ConfigError
 from llava_lite.llava_data import DataValidationError
+from llava_lite.settings import apply_overrides
 from llava_lite.train import loop, stepping
-from llava_lite.train.recipe import DataSpec, apply_overrides
+from llava_lite.train.recipe import DataSpec
 from llava_lite.train.run import run_recipe
 
 
@@ -186,7 +187,7 @@ def test_skip_bad_drops_and_counts(tiny_recipe, tmp_path, images):
 def test_recipe_overrides_and_validation(tiny_recipe):
     r = tiny_recipe("adapter.lr=0.5", "align.data.0.args.n=3", "seed=7")
     assert r.adapter.lr == 0.5 and r.align.data[0].args["n"] == 3 and r.seed == 7
-    with pytest.raises(ConfigError, match="no such recipe field 'nope'"):
+    with pytest.raises(ConfigError, match="no such field 'nope'"):
         tiny_recipe("adapter.nope=1")
     with pytest.raises(ConfigError, match="multiple of"):
         tiny_recipe("adapter.batch_size=5")

@@ -28,7 +28,7 @@ def serve_config(args):
     from llava_lite.serve.config import ServeConfig
 
     config = ServeConfig.load(args.config) if args.config else ServeConfig()
-    data = config.to_dict()
+    data = config.with_overrides(args.overrides).to_dict()
     for name in TOP_FLAGS:
         if getattr(args, name) is not None:
             data[name] = getattr(args, name)
@@ -90,9 +90,14 @@ def _access_args(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="chat about images in the browser (Gradio) plus an OpenAI-compatible API",
                        description="Serve the chat page, POST /v1/chat/completions, GET /health and GET /metrics "
-                                   "on one port. Settings come from --config (TOML or YAML) with flags on top.")
+                                   "on one port. Settings come from --config (TOML, YAML or JSON), then --set, then "
+                                   "flags.")
     p.add_argument("--config", metavar="FILE", default=None,
-                   help="serve config file (.toml/.yaml): every setting below, plus [limits], [auth], [rate_limit]")
+                   help="serve config file (.toml/.yaml/.json): every setting below, plus [limits], [auth], "
+                        "[rate_limit]")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any setting by dotted key, as in `llava-lite train` (e.g. limits.max_images=4); "
+                        "applied after --config, before the flags below (repeatable)")
     _model_args(p, defaults=False)
     p.add_argument("--host", default=None, help="bind address (default: 127.0.0.1, local only)")
     p.add_argument("--port", type=int, default=None, help="port (default: 7860)")

@@ -23,7 +23,7 @@ def _median_step(metrics: Path, skip: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     from llava_lite.recipes import get_recipe
-    from llava_lite.train.recipe import apply_overrides
+    from llava_lite.settings import apply_overrides
     from llava_lite.train.run import run_recipe
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -106,8 +106,8 @@ def _plot(curves: dict[str, list[float]], path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from llava_lite.recipes import get_recipe
+    from llava_lite.settings import apply_overrides
     from llava_lite.train.loop import _setup
-    from llava_lite.train.recipe import apply_overrides
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="demo")

@@ -11,8 +11,9 @@ from pathlib import Path
 
 def cmd_train(args) -> int:
     from llava_lite.recipes import RECIPES, get_recipe, recipe_source
+    from llava_lite.settings import apply_overrides
     from llava_lite.train.clip_recipe import ClipRecipe
-    from llava_lite.train.recipe import STAGES, apply_overrides
+    from llava_lite.train.recipe import STAGES
     from llava_lite.train.run import last_model_dir, run_recipe
 
     if args.list:

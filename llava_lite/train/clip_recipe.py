@@ -3,16 +3,16 @@ dataclass saved with every run, overridable as key=value like the LLaVA recipes.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from llava_lite.config import ConfigError
 from llava_lite.dual_encoder import DualEncoderConfig
+from llava_lite.settings import Settings
 
 
 @dataclass
-class ClipRecipe:
+class ClipRecipe(Settings):
     """Training data are captioned images: `caption_sets` are named LLaVA caption builders
     (their assistant turn is the caption); Fashion-MNIST adds class-label captions for every
     class except `held_out_classes`, which only the zero-shot test sees."""
@@ -67,20 +67,3 @@ class ClipRecipe:
         if any("{}" not in t for t in self.caption_templates):
             raise ConfigError("every caption template needs '{}' for the class name")
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "<recipe>") -> ClipRecipe:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)} for ClipRecipe; known: {sorted(known)}")
-        data = dict(data)
-        if "model" in data:
-            data["model"] = DualEncoderConfig.from_dict(data["model"])
-        return cls(**data).validate()

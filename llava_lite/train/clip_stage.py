@@ -220,7 +220,7 @@ def run_clip_recipe(recipe: ClipRecipe, output: Path, recipe_file: Path | None =
         print(f"[{STAGE}] already finished in {output}; skipping")
         return json.loads(done.read_text())
     output.mkdir(parents=True, exist_ok=True)
-    (output / "recipe.json").write_text(recipe.to_json())
+    recipe.save(output / "recipe.json")
     if recipe_file is not None:
         shutil.copyfile(recipe_file, output / f"recipe-{recipe.name}.py")
     t0 = time.perf_counter()

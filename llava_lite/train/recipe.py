@@ -1,12 +1,13 @@
-"""Training recipes: plain dataclasses, saved as JSON with every run, overridable as key=value."""
+"""Training recipes: plain dataclasses, saved as JSON with every run, overridable as key=value
+(`llava_lite.settings`)."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from llava_lite.config import ConfigError, LlavaLiteConfig
+from llava_lite.settings import Settings
 
 STAGES = ("align", "adapter", "instruct", "bridge")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -74,7 +75,7 @@ class StageConfig:
 
 
 @dataclass
-class TrainRecipe:
+class TrainRecipe(Settings):
     name: str = "custom"
     model: LlavaLiteConfig = field(default_factory=LlavaLiteConfig)
     align: StageConfig = field(default_factory=StageConfig)
@@ -151,66 +152,3 @@ class TrainRecipe:
         for spec in st.data:
             if (spec.name is None) == (spec.path is None):
                 raise ConfigError(f"{name}: each data source needs exactly one of name or path; got {spec}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "<recipe>") -> TrainRecipe:
-        return _build(cls, data, source).validate()
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    if cls is LlavaLiteConfig:
-        return LlavaLiteConfig.from_dict(data, source=where)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected an object for {cls.__name__}, got {type(data).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(data) - set(known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} for {cls.__name__}; known: {sorted(known)}")
-    kwargs: dict[str, Any] = {}
-    nested = {"model": LlavaLiteConfig, **dict.fromkeys(STAGES, StageConfig)}
-    for key, value in data.items():
-        if cls is TrainRecipe and key in nested:
-            kwargs[key] = _build(nested[key], value, f"{where}.{key}")
-        elif cls is StageConfig and key == "data":
-            kwargs[key] = [_build(DataSpec, v, f"{where}.data[{i}]") for i, v in enumerate(value)]
-        elif cls is StageConfig and key == "eval":
-            kwargs[key] = [_build(EvalSpec, v, f"{where}.eval[{i}]") for i, v in enumerate(value)]
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text  # a bare string such as a path or model id
-
-
-def apply_overrides(recipe, overrides: list[str]):
-    """Apply `a.b.c=value` overrides (values parsed as JSON, else taken as strings)."""
-    data = recipe.to_dict()
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value")
-        key, raw = item.split("=", 1)
-        node: Any = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = _child(node, part, key)
-        _child(node, parts[-1], key)  # the field must exist
-        node[int(parts[-1]) if isinstance(node, list) else parts[-1]] = _parse_value(raw)
-    return type(recipe).from_dict(data, source="overrides")
-
-
-def _child(node: Any, part: str, key: str) -> Any:
-    """`part` of a dict, or item `part` (an index) of a list such as `align.data.0.path`."""
-    if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-        return node[int(part)]
-    if isinstance(node, dict) and part in node:
-        return node[part]
-    raise ConfigError(f"override {key!r}: no such recipe field {part!r}")
-

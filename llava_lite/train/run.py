@@ -46,7 +46,7 @@ def run_recipe(
     if init_from is not None and not is_model_folder(init_from):
         raise ConfigError(f"{init_from}: --init needs a llava-lite checkpoint or a transformers llava-hf folder")
     output.mkdir(parents=True, exist_ok=True)
-    (output / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+    recipe.save(output / "recipe.json")
     if recipe_file is not None:
         shutil.copyfile(recipe_file, output / f"recipe-{recipe.name}.py")
     summary: dict[str, Any] = {}
