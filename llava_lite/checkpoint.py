@@ -163,6 +163,7 @@ def save_checkpoint(model: LlavaLiteModel, out_dir: str | Path, save_llm: bool =
             llm_state = None if weights is None else {
                 k.removeprefix("llm."): v for k, v in weights.items() if k.startswith("llm.")}
             model.llm.save_pretrained(str(tmp / ADAPTER_DIR), state_dict=llm_state)
+            _sort_target_modules(tmp / ADAPTER_DIR / "adapter_config.json")
         if model.domain_gate is not None:
             model.domain_gate.save(tmp / GATE_NAME)
         if save_llm or config.llm_subfolder:
@@ -176,3 +177,10 @@ def save_checkpoint(model: LlavaLiteModel, out_dir: str | Path, save_llm: bool =
     return out
 
 
+def _sort_target_modules(path: Path) -> None:
+    """peft keeps `target_modules` as a set and writes it in hash order, which changes from
+    process to process; sorted, the same training writes the same bytes."""
+    data = json.loads(path.read_text())
+    if isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])
+        path.write_text(json.dumps(data, indent=2, sort_keys=True))

@@ -299,3 +299,32 @@ def test_zero_shot_table_renders_rows_with_different_measures():
     md = markdown_table({"a": {"zero-shot": 0.175, "n_test": 10000.0},
                          "b": {"zero-shot": 0.1, "dual encoder zero-shot": 0.5, "n_test": 899.0}})
     assert "| a | 17.50% | 10000 |  |" in md and "| b | 10.00% | 899 | 50.00% |" in md
+
+
+def test_the_zero_shot_and_probe_evaluation_runs_on_fashion_like_data(tiny_clip_dir, tiny_text_dir, tmp_path,
+                                                                      monkeypatch):
+    """clip-demo's end-of-run evaluation (held-out zero-shot, the linear probes beside it, the
+    confusion plot) on a small synthetic stand-in for Fashion-MNIST: each class a brightness."""
+    import numpy as np
+
+    from llava_lite.data import fashion_mnist
+    from llava_lite.train.clip_stage import run_clip_recipe
+
+    def fake_load(split, root):
+        n = 12 if split == "train" else 6
+        labels = np.repeat(np.arange(10), n)
+        images = (labels[:, None, None] * 25 + np.zeros((len(labels), 28, 28))).astype(np.uint8)
+        return images, labels.astype(np.int64)
+
+    monkeypatch.setenv("LLAVA_LITE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fashion_mnist, "load", fake_load)
+    recipe = _tiny_clip_recipe(tiny_clip_dir, tiny_text_dir, steps=2, batch_size=6, fashion_per_class=4,
+                               held_out_classes=["sneaker", "bag", "trouser"], probe_shots=[4, 0])
+    recipe.eval_zero_shot = True
+    summary = run_clip_recipe(recipe, tmp_path / "run", progress=False)
+    ev = summary["eval"]
+    assert ev["test_images_heldout"] == 18 and ev["held_out_classes"] == ["sneaker", "bag", "trouser"]
+    assert 0 <= ev["zero_shot_heldout_acc"] <= 1 and ev["chance_heldout"] == 1 / 3
+    assert {"linear_probe_4_per_class_acc", "linear_probe_1000_per_class_acc"} <= set(ev)
+    assert ev["linear_probe_1000_per_class_acc"] == 1.0  # three brightness levels: a probe separates them
+    assert (tmp_path / "run" / "eval" / "confusion.png").stat().st_size > 1000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,10 @@ def test_save_then_load_gives_identical_outputs(tiny_lite, images, tmp_path):
     logits_before = logits_for(lite, images[:1])
     out = lite.save_pretrained(tmp_path / "ckpt")
     assert {p.name for p in out.iterdir()} == {"config.json", "projector.safetensors", "adapter"}
+    # peft keeps target_modules as a set (hash order differs per process); saved sorted, the
+    # same weights give the same bytes
+    modules = json.loads((out / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert modules == sorted(lite.config.lora.target_modules) and len(modules) > 2
     loaded = LlavaLite.from_pretrained(out, merge=False)
     assert loaded.config == lite.config
     assert loaded.ask(images[0], "Describe.", **GEN) == before

@@ -117,16 +117,16 @@ def _probe_eval(model: DualEncoder, recipe: ClipRecipe, held: list[str], test_fe
     xtr, ytr = fashion_mnist.load("train", cache_dir() / "data")
     results = {}
     for shots in recipe.probe_shots:
-        per_class = shots or 1000
-        tr_idx = per_class(ytr, [classes.index(c) for c in held], per_class, recipe.seed)
+        n = shots or 1000
+        tr_idx = per_class(ytr, [classes.index(c) for c in held], n, recipe.seed)
         tr_feats = pooled_features(model, "fashion-train-heldout", [f"fm-train-{i}" for i in tr_idx],
                                    lambda k, tr_idx=tr_idx: gray_to_rgb(xtr[tr_idx[k]]),
                                    recipe.feature_batch_size, progress)
         tr_y = torch.tensor([held.index(classes[ytr[i]]) for i in tr_idx])
         pred = linear_probe(tr_feats, tr_y, test_feats, len(held)).tolist()
         acc = float(np.mean([p == t for p, t in zip(pred, true, strict=True)]))
-        results[f"linear_probe_{per_class}_per_class_acc"] = acc
-        panels[f"linear probe, {per_class}/class ({acc:.1%})"] = _confusion(true, pred, len(held))
+        results[f"linear_probe_{n}_per_class_acc"] = acc
+        panels[f"linear probe, {n}/class ({acc:.1%})"] = _confusion(true, pred, len(held))
     return results
 
 
