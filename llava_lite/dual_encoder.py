@@ -27,6 +27,8 @@ from llava_lite.settings import Settings
 TEXT_ENCODERS: Registry = Registry("text encoder")
 CONFIG_NAME = "dual_encoder.json"
 WEIGHTS_NAME = "dual_encoder.safetensors"
+IMAGE_PRIORS = ("none", "label-space")
+NAME_TEMPLATE = "a photo of a {}."  # how a head's class name is embedded as text
 
 
 @dataclass
@@ -46,8 +48,18 @@ class DualEncoderConfig(Settings):
     embed_dim: int = 256
     lock_image: bool = True  # LiT
     lock_text: bool = False
+    # "label-space": the image side starts as the ConSE embedding of the tower head's classes
+    # (`llava_lite.label_space`) and the text side as the text encoder's own embedding; the
+    # heads learn residuals from zero, so training starts at zero-shot-through-labels and adds
+    # to it. Needs a tower with a classifier head, lock_text and embed_dim = the text width.
+    image_prior: str = "none"
 
     def validate(self) -> DualEncoderConfig:
+        if self.image_prior not in IMAGE_PRIORS:
+            raise ConfigError(f"image_prior={self.image_prior!r}; use one of {IMAGE_PRIORS}")
+        if self.image_prior == "label-space" and not self.lock_text:
+            raise ConfigError("image_prior='label-space' needs lock_text=true: the class names are embedded "
+                              "once by the frozen text encoder, and a moving text side would leave them behind")
         if self.vision.name not in VISION_TOWERS:
             raise ConfigError(f"vision.name {self.vision.name!r}; registered: {sorted(VISION_TOWERS)}")
         if self.text.name not in TEXT_ENCODERS:
@@ -56,6 +68,14 @@ class DualEncoderConfig(Settings):
             raise ConfigError(f"embed_dim must be positive, got {self.embed_dim}")
         return self
 
+
+
+def conse(probs: torch.Tensor, names: torch.Tensor, top_t: int = 10) -> torch.Tensor:
+    """ConSE (Norouzi et al., 2014): the renormalised top-`top_t` class probabilities weight
+    their names' text embeddings `names` (classes, dim); unit-length rows."""
+    top = probs.float().topk(min(top_t, probs.shape[-1]), dim=-1)
+    weights = top.values / top.values.sum(-1, keepdim=True)
+    return F.normalize((weights.unsqueeze(-1) * names[top.indices]).sum(1), dim=-1)
 
 
 @dataclass
@@ -119,6 +139,23 @@ class DualEncoder(nn.Module):
         self.image_head = nn.Linear(self.tower.hidden_size, config.embed_dim, bias=False)
         self.text_head = nn.Linear(text.hidden_size, config.embed_dim, bias=False)
         self.logit_scale = LogitScale()
+        if config.image_prior == "label-space":
+            self._start_from_label_space(text.hidden_size)
+
+    def _start_from_label_space(self, text_width: int) -> None:
+        if self.tower.class_names is None:
+            raise ConfigError(f"image_prior='label-space' needs a tower with a classifier head; "
+                              f"{self.config.vision.name!r} has none")
+        if self.config.embed_dim != text_width:
+            raise ConfigError(f"image_prior='label-space' embeds into the text encoder's space: set "
+                              f"embed_dim={text_width}, not {self.config.embed_dim}")
+        nn.init.zeros_(self.image_head.weight)
+        nn.init.zeros_(self.text_head.weight)
+        with torch.no_grad():
+            names = [NAME_TEMPLATE.format(n) for n in self.tower.class_names]
+            table = torch.cat([self._text.pooled(names[i:i + 256], self.config.text.max_length)
+                               for i in range(0, len(names), 256)])
+        self.register_buffer("class_name_embeddings", F.normalize(table.float(), dim=-1), persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -134,11 +171,18 @@ class DualEncoder(nn.Module):
         return self.tower.encode(pixel_values).float().mean(1)
 
     def embed_image_features(self, pooled: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_head(pooled.to(self.device).float()), dim=-1)
+        pooled = pooled.to(self.device).float()
+        out = self.image_head(pooled)
+        if self.config.image_prior == "label-space":
+            out = out + conse(self.tower.pooled_class_probs(pooled), self.class_name_embeddings)
+        return F.normalize(out, dim=-1)
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        pooled = self._text.pooled(texts, self.config.text.max_length, self.device)
-        return F.normalize(self.text_head(pooled.float()), dim=-1)
+        pooled = self._text.pooled(texts, self.config.text.max_length, self.device).float()
+        out = self.text_head(pooled)
+        if self.config.image_prior == "label-space":
+            out = out + F.normalize(pooled, dim=-1)
+        return F.normalize(out, dim=-1)
 
     def loss(self, pooled_images: torch.Tensor, texts: Sequence[str], labels: torch.Tensor | None = None,
              hard_negatives: int | None = None) -> torch.Tensor:

@@ -17,12 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from llava_lite.config import ConfigError, VisionConfig
-from llava_lite.dual_encoder import TEXT_ENCODERS, TextEncoderConfig
+from llava_lite.dual_encoder import NAME_TEMPLATE, TEXT_ENCODERS, TextEncoderConfig, conse
 from llava_lite.images import ImageInput, load_image
 from llava_lite.registry import VISION_TOWERS
 
 LABEL_SPACE = "label-space"  # the name `load_dual_encoder` and the CLI's --model accept
-NAME_TEMPLATE = "a photo of a {}."
 
 
 class LabelSpaceEncoder:
@@ -67,10 +66,7 @@ class LabelSpaceEncoder:
 
     def embed_probs(self, probs: torch.Tensor) -> torch.Tensor:
         """ConSE: the renormalised top-T probabilities weight their class names' embeddings."""
-        top = probs.topk(self.top_t, dim=-1)
-        weights = top.values / top.values.sum(-1, keepdim=True)
-        names = self.name_embeddings()[top.indices]  # (B, T, dim)
-        return F.normalize((weights.unsqueeze(-1) * names).sum(1), dim=-1)
+        return conse(probs, self.name_embeddings(), self.top_t)
 
     def encode_images(self, images: Sequence[ImageInput], batch_size: int = 64) -> torch.Tensor:
         return self.embed_probs(self.class_probs(images, batch_size))

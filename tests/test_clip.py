@@ -328,3 +328,37 @@ def test_the_zero_shot_and_probe_evaluation_runs_on_fashion_like_data(tiny_clip_
     assert {"linear_probe_4_per_class_acc", "linear_probe_1000_per_class_acc"} <= set(ev)
     assert ev["linear_probe_1000_per_class_acc"] == 1.0  # three brightness levels: a probe separates them
     assert (tmp_path / "run" / "eval" / "confusion.png").stat().st_size > 1000
+
+
+def test_a_dual_encoder_starts_from_the_label_space_and_trains_from_there(label_space, tiny_clip_dir, tmp_path):
+    """image_prior='label-space': before training it is the ConSE encoder (same embeddings);
+    the heads learn residuals from zero; saved and loaded, the embeddings are the same."""
+    from llava_lite.config import ConfigError, VisionConfig
+    from llava_lite.dual_encoder import DualEncoder, DualEncoderConfig
+    from llava_lite.eval.photos import PHOTOS, photo_path
+    from llava_lite.train.clip_recipe import ClipRecipe
+    from llava_lite.train.clip_stage import run_clip_recipe
+
+    photos = {p.name: str(photo_path(p)) for p in PHOTOS}
+    images = [photos[n] for n in ("chelsea", "coffee", "motorcycle")]
+    texts = ["a cat", "a cup of coffee", "a motorcycle"]
+    config = DualEncoderConfig(image_prior="label-space", embed_dim=384, lock_text=True)
+    model = DualEncoder(config).eval()
+    assert torch.allclose(model.encode_images(images), label_space.encode_images(images), atol=1e-5)
+    assert torch.allclose(model.encode_texts(texts), label_space.encode_texts(texts), atol=1e-5)
+    recipe = ClipRecipe(name="clip-prior", model=config, caption_sets=[{"name": "scenes-captions", "args": {"n": 12}}],
+                        steps=3, batch_size=6, lr=1e-2, eval_zero_shot=False, retrieval_set=None).validate()
+    run_clip_recipe(recipe, tmp_path / "run", progress=False)
+    trained = DualEncoder.from_pretrained(tmp_path / "run" / "model")
+    assert trained.image_head.weight.abs().sum() > 0 and trained.text_head.weight.abs().sum() > 0
+    again = DualEncoder.from_pretrained(tmp_path / "run" / "model")
+    assert torch.equal(trained.encode_images(images), again.encode_images(images))
+    with pytest.raises(ConfigError, match="needs lock_text"):
+        DualEncoderConfig(image_prior="label-space", embed_dim=384).validate()
+    with pytest.raises(ConfigError, match="set embed_dim=384"):
+        DualEncoder(DualEncoderConfig(image_prior="label-space", embed_dim=256, lock_text=True))
+    with pytest.raises(ConfigError, match="classifier head"):
+        DualEncoder(DualEncoderConfig(vision=VisionConfig(name="clip", model_id=str(tiny_clip_dir)),
+                                      image_prior="label-space", embed_dim=384, lock_text=True))
+    with pytest.raises(ConfigError, match="image_prior="):
+        DualEncoderConfig(image_prior="conse").validate()

@@ -41,6 +41,11 @@ class VisionTower(nn.Module):
         from its own `encode` output (so cached features suffice); None without a head."""
         return None
 
+    def pooled_class_probs(self, pooled: torch.Tensor) -> torch.Tensor | None:
+        """The same from `encode`'s tokens averaged into one (batch, hidden_size) vector, the
+        form the dual encoder caches; None without a head."""
+        return None
+
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         feats = self.encode(pixel_values)

@@ -91,6 +91,12 @@ class EfficientNetLite0Tower(VisionTower):
         logits = self.net._fc(patches.mean(1).to(self.dtype))
         return logits.float().softmax(-1)
 
+    @torch.no_grad()
+    def pooled_class_probs(self, pooled: torch.Tensor) -> torch.Tensor:
+        # the mean over every token is the patch mean: the cls_patch token is itself that mean
+        logits = self.net._fc(pooled[:, : self.net._conv_head.out_channels].to(self.dtype))
+        return logits.float().softmax(-1)
+
 
 def imagenet_class_names() -> list[str]:
     """The 1,000 ImageNet-1k class names in the classifier's order, one per line in
