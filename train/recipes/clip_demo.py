@@ -25,5 +25,7 @@ def recipe() -> ClipRecipe:
         held_out_classes=["sneaker", "bag", "trouser"],
         caption_templates=["a photo of a {}.", "a black and white photo of a {}.", "a low resolution photo of a {}.",
                            "a {} on a dark background.", "a picture of a {}.", "a grayscale image of a {}."],
-        steps=300, batch_size=128, lr=1e-3,  # text_lr and tower_lr unused: both encoders are locked
+        # lr 1e-4 keeps the prior: on 5 real photos, zero-shot stays 4 of 5 right (label-space alone 5),
+        # where lr 1e-3 left 0 of 5. text_lr and tower_lr are unused: both encoders are locked.
+        steps=300, batch_size=128, lr=1e-4,
     )
