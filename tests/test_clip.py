@@ -330,6 +330,7 @@ def test_the_zero_shot_and_probe_evaluation_runs_on_fashion_like_data(tiny_clip_
     assert (tmp_path / "run" / "eval" / "confusion.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_a_dual_encoder_starts_from_the_label_space_and_trains_from_there(label_space, tiny_clip_dir, tmp_path):
     """image_prior='label-space': before training it is the ConSE encoder (same embeddings);
     the heads learn residuals from zero; saved and loaded, the embeddings are the same."""

@@ -24,6 +24,8 @@ def _args(tiny_clip_dir, tiny_text_dir, steps: int, batch: int = 6) -> list[str]
             f"model.vision.model_id={tiny_clip_dir}", f"model.text.model_id={tiny_text_dir}", "model.embed_dim=16",
             'caption_sets=[{"name": "scenes-captions", "args": {"n": 24}}]', "fashion_per_class=0",
             "held_out_classes=[]", "eval_zero_shot=false", "retrieval_set=null", f"steps={steps}",
+            # a headless tower has no label space; train the text encoder too, the harder case to resume
+            "model.image_prior=none", "model.lock_text=false", "lr=0.001",
             f"batch_size={batch}", "save_every=5", "feature_batch_size=8"]
 
 
