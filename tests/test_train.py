@@ -365,3 +365,21 @@ def test_gradient_checkpointing_gives_the_same_losses_on_packed_rows(tiny_recipe
         run_recipe(recipe, ["align", "adapter"], tmp_path / flag, progress=False)
         runs[flag] = _losses(tmp_path / flag / "2-adapter")
     assert runs["true"] == pytest.approx(runs["false"], rel=1e-5)
+
+
+def test_compare_runs_finds_the_one_changed_tensor(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from llava_lite.train.compare_runs import main
+
+    for name, value in (("a", 1.0), ("b", 1.0), ("c", 2.0)):
+        run = tmp_path / name / "1-align" / "model"
+        run.mkdir(parents=True)
+        save_file({"w": torch.ones(3), "v": torch.full((2,), value)}, str(run / "projector.safetensors"))
+        (run / "config.json").write_text('{"x": 1}')
+        (tmp_path / name / "metrics.jsonl").write_text(f'{{"step_s": {value * 3}}}\n')  # timings differ anyway
+    assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "2 tensors compared, 0 differences" in capsys.readouterr().out
+    assert main([str(tmp_path / "a"), str(tmp_path / "c")]) == 1
+    assert "DIFF 1-align/model/projector.safetensors: v" in capsys.readouterr().out
+    assert main([str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
