@@ -87,3 +87,15 @@ def test_training_batches_come_from_the_processor(tiny_lite, images):
                                             positions=[list(range(len(enc.input_ids)))] * 2)
     assert batch["pixel_values"].shape[0] == 2 and batch["position_ids"].shape == batch["input_ids"].shape
     assert (batch["labels"] != -100).sum() == 2 * sum(lab != -100 for lab in enc.labels)
+
+
+def test_an_unexpected_failure_while_preparing_is_a_user_facing_error(tiny_lite, monkeypatch):
+    engine = ChatEngine(tiny_lite(lora=False))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("tower exploded")
+
+    monkeypatch.setattr(engine.lite, "_views", broken)
+    with pytest.raises(UserFacingError, match="something went wrong while reading"):
+        engine.complete(ChatRequest([engine.lite.user_message("what?")], [_png((1, 2, 3))]))
+    assert engine.in_flight == 0 and engine.queue_depth == 0  # nothing was left holding a slot

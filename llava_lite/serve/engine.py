@@ -126,6 +126,10 @@ class ChatEngine:
                 "tokens (images included). Clear the chat or shorten the message.") from err
         except (ConversationError, ImageLoadError) as err:
             raise UserFacingError(str(err)) from err
+        except Exception as err:  # the tower or tokenizer failing on odd input: the server goes on
+            log.exception("preparing a request failed")
+            raise UserFacingError("Sorry, something went wrong while reading this request; the error was "
+                                  "logged on the server.") from err
         # A reply shortened to fit the context beats refusing a prompt that fits.
         return prompt, min(max_new, self.lite.config.max_length - len(prompt.ids))
 
