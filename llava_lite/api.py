@@ -18,7 +18,7 @@ from llava_lite.label_bridge import ImageEvidence
 from llava_lite.llm import output_cache, with_cache
 from llava_lite.lora import is_peft
 from llava_lite.modeling import LlavaLiteModel
-from llava_lite.processor import ImageLimits, LlavaLiteProcessor, LoadedConversation
+from llava_lite.processor import ImageLimits, LlavaLiteProcessor
 from llava_lite.prompt_cache import PromptCache, common_prefix_len
 from llava_lite.streaming import StopOnEvent, reply_chunks
 
@@ -194,9 +194,6 @@ class LlavaLite:
         """A conversation made ready to generate from: its images loaded, hashed and through the
         tower once, the template rendered and tokenized once (`chat` and the server run this)."""
         conversation = self.processor.load(messages, images, limits)
-        return self._prepared(conversation, max_new_tokens)
-
-    def _prepared(self, conversation: LoadedConversation, max_new_tokens: int) -> PreparedPrompt:
         views = self._views(conversation.images, conversation.keys)
         return prepared_prompt(self.processor, conversation, views, max_new_tokens)
 
@@ -319,10 +316,9 @@ class LlavaLite:
             return []
         if self.decoder is not None:  # one sequence at a time; the shared image prefix is kept
             return [self.ask(image, q, max_new_tokens=max_new_tokens, do_sample=False) for q in questions]
-        conv = self.processor.load([self.user_message(questions[0])], [image])
-        view = self._views(conv.images, conv.keys)[0]
+        view = self.image_views([image])[0]
         if view.bridge_text is not None:  # no shared image block to reuse
-            return self.ask_batch(conv.images * len(questions), questions, max_new_tokens=max_new_tokens)
+            return self.ask_batch([image] * len(questions), questions, max_new_tokens=max_new_tokens)
         prompts = [self.processor.encode_prompt([self.user_message(q)], max_new_tokens=max_new_tokens)
                    for q in questions]
         shared = min(common_prefix_len(*prompts), min(len(p) for p in prompts) - 1)  # rows keep >= 1 own token

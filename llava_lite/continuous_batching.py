@@ -43,7 +43,6 @@ class Generation:
         self.temperature, self.top_p = float(temperature), float(top_p)
         self.deadline = time.monotonic() + timeout_s
         self.streamer = TextIteratorStreamer(tokenizer, skip_special_tokens=True)
-        self.prompt_ids, self.image_keys = prompt.ids, prompt.keys
         self.tokens: list[int] = []
         self.finish_reason: str | None = None  # "stop", "length", "timeout", "cancelled" or "error"
         self.error: BaseException | None = None
@@ -214,7 +213,7 @@ class ContinuousBatcher:
             if reason := self._stop_reason(gen):
                 gen._end(reason)
                 return
-            token, state = self._prefill(gen, gen.prompt_ids, gen.prompt.embeds, gen.image_keys)
+            token, state = self._prefill(gen)
         except Exception as err:  # this request's failure only; the batch goes on
             log.exception("prefill failed")
             gen._end("error", err)
@@ -225,14 +224,14 @@ class ContinuousBatcher:
             else:
                 self._done_at_prefill(gen, state)
 
-    def _prefill(self, gen: Generation, ids: list[int], embeds, keys: list[str]):
+    def _prefill(self, gen: Generation):
         """(first token, the row's KV cache), reusing a cached prefix of the prompt."""
-        lite = self.lite
-        cache, reused = lite.prompt_cache.take(ids, keys)
+        lite, prompt = self.lite, gen.prompt
+        cache, reused = lite.prompt_cache.take(prompt.ids, prompt.keys)
         if cache is None:
             cache, reused = DynamicCache(config=lite.model.llm.config), 0
-        input_ids = torch.tensor([ids], device=lite.device)
-        embeds = lite.model.embed(input_ids, embeds)[:, reused:]
+        input_ids = torch.tensor([prompt.ids], device=lite.device)
+        embeds = lite.model.embed(input_ids, prompt.embeds)[:, reused:]
         out = lite.model.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **with_cache(cache))
         return self._sample([gen], out.logits[:, -1])[0], output_cache(out)
 
@@ -240,7 +239,7 @@ class ContinuousBatcher:
         self._batch.join(gen, cache, token, self.lite.device)
 
     def _done_at_prefill(self, gen: Generation, cache) -> None:
-        self.lite.prompt_cache.put(gen.prompt_ids + gen.tokens, gen.image_keys, cache)
+        self.lite.prompt_cache.put(gen.prompt.ids + gen.tokens, gen.prompt.keys, cache)
 
     def _step(self) -> None:
         batch = self._batch
@@ -262,7 +261,7 @@ class ContinuousBatcher:
             live = []
             for row, (gen, token) in enumerate(zip(batch.gens, tokens, strict=True)):
                 if self._emit(gen, token):
-                    self.lite.prompt_cache.put(gen.prompt_ids + gen.tokens, gen.image_keys, batch.row_cache(row))
+                    self.lite.prompt_cache.put(gen.prompt.ids + gen.tokens, gen.prompt.keys, batch.row_cache(row))
                 else:
                     live.append(row)
             if len(live) < len(batch):

@@ -93,6 +93,13 @@ class TextEncoder:
             batch = batch.to(device)
         return self.pool(self.model(**batch), batch["attention_mask"])
 
+    @torch.no_grad()
+    def unit_embeddings(self, texts: Sequence[str], max_length: int, batch_size: int = 256) -> torch.Tensor:
+        """(N, hidden_size) unit-length pooled embeddings, `batch_size` texts at a time."""
+        out = [F.normalize(self.pooled(texts[i:i + batch_size], max_length).float(), dim=-1)
+               for i in range(0, len(texts), batch_size)]
+        return torch.cat(out) if out else torch.empty(0, self.hidden_size)
+
 
 def _mean_pool(output, mask: torch.Tensor) -> torch.Tensor:
     hidden = output.last_hidden_state
@@ -151,11 +158,9 @@ class DualEncoder(nn.Module):
                               f"embed_dim={text_width}, not {self.config.embed_dim}")
         nn.init.zeros_(self.image_head.weight)
         nn.init.zeros_(self.text_head.weight)
-        with torch.no_grad():
-            names = [NAME_TEMPLATE.format(n) for n in self.tower.class_names]
-            table = torch.cat([self._text.pooled(names[i:i + 256], self.config.text.max_length)
-                               for i in range(0, len(names), 256)])
-        self.register_buffer("class_name_embeddings", F.normalize(table.float(), dim=-1), persistent=False)
+        names = [NAME_TEMPLATE.format(n) for n in self.tower.class_names]
+        self.register_buffer("class_name_embeddings", self._text.unit_embeddings(names, self.config.text.max_length),
+                             persistent=False)
 
     @property
     def device(self) -> torch.device:

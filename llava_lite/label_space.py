@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from llava_lite.config import ConfigError, VisionConfig
 from llava_lite.dual_encoder import NAME_TEMPLATE, TEXT_ENCODERS, TextEncoderConfig, conse
@@ -44,11 +43,8 @@ class LabelSpaceEncoder:
     def logit_scale(self) -> torch.Tensor:
         return torch.tensor(self.scale)
 
-    @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        out = [F.normalize(self.text.pooled(texts[start:start + batch_size], self.max_length).float(), dim=-1)
-               for start in range(0, len(texts), batch_size)]
-        return torch.cat(out) if out else torch.empty(0, self.text.hidden_size)
+        return self.text.unit_embeddings(texts, self.max_length, batch_size)
 
     def name_embeddings(self) -> torch.Tensor:
         """(classes, dim) text embeddings of the head's class names, computed once."""

@@ -57,9 +57,9 @@ class LlamaCppBatcher(ContinuousBatcher):
         free = [s for s in range(self.max_batch) if s not in busy]
         return max(free, key=lambda s: self.decoder.shared_prefix(s, keys))
 
-    def _prefill(self, gen: Generation, ids: list[int], embeds, keys: list[str]):
+    def _prefill(self, gen: Generation):
         """(first token, the slot it now holds)."""
-        prompt, pos = prompt_inputs(self.lite, ids, embeds, keys)
+        prompt, pos = prompt_inputs(self.lite, gen.prompt.ids, gen.prompt.embeds, gen.prompt.keys)
         with self._lock:
             slot = self._free_slot(pos)
         with self.decoder._lock:

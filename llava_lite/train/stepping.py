@@ -12,7 +12,6 @@ from typing import Any
 import torch
 
 from llava_lite import checkpoint
-from llava_lite.checkpoint import save_checkpoint
 from llava_lite.feature_cache import FeatureCache
 from llava_lite.train import sharding
 from llava_lite.train.batching import BatchSchedule, shard
@@ -75,7 +74,7 @@ class StageRun(EngineRun):
         return weights, {} if scale is None else {"logit_scale": scale}, optimizer_state
 
     def save_model(self, folder: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
-        save_checkpoint(self.unwrapped.model, folder, weights=weights)
+        checkpoint.save_checkpoint(self.unwrapped.model, folder, weights=weights)
 
     def load_weights(self, ckpt: Path) -> None:
         checkpoint.load_weights(self.module.model, ckpt / MODEL_DIR)

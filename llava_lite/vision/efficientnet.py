@@ -88,8 +88,7 @@ class EfficientNetLite0Tower(VisionTower):
         """The ImageNet head on the pooled last-layer map: the first 1280 channels of the patch
         tokens, averaged, are exactly what `EfficientNet.forward` pools before its classifier."""
         patches = features[:, -self.grid**2:, : self.net._conv_head.out_channels]
-        logits = self.net._fc(patches.mean(1).to(self.dtype))
-        return logits.float().softmax(-1)
+        return self.pooled_class_probs(patches.mean(1))
 
     @torch.no_grad()
     def pooled_class_probs(self, pooled: torch.Tensor) -> torch.Tensor:
