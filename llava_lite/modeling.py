@@ -132,7 +132,9 @@ class LlavaLiteModel(nn.Module):
             return LlavaLiteOutput(None, out.logits, output_cache(out))
 
         decoder = self.llm.get_decoder()
-        hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, **llm_kwargs).last_hidden_state
+        # no KV cache in a training forward: it would only hold every layer's keys and values
+        hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
+                         **llm_kwargs).last_hidden_state
         shift_labels = labels[:, 1:]
         keep = shift_labels != IGNORE_INDEX
         n_label = int(keep.sum())

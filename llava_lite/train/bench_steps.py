@@ -1,16 +1,19 @@
-"""Training step speed on a recipe's stage: the reference path against the fast one, in one run.
+"""Training step speed on a recipe's stage: several step paths on the same batches, in one run.
 
-    python -m llava_lite.train.bench_steps --recipe demo --stage adapter --steps 6 --curve 20
+    python -m llava_lite.train.bench_steps --recipe demo --stage adapter --steps 8 --curve 20
 
 - reference: packed rows attend under one dense block mask, autocast casts every frozen LLM
   weight at every matmul, and peft up-casts LoRA inputs (the path before prefix_attention.py);
-- fast: what training runs: prefix attention, and under bf16/fp16 autocast `stepping.fast_paths`
-  (frozen weights held in that dtype, peft's LoRA input up-cast off).
+- fast: prefix attention, and under bf16/fp16 autocast `stepping.fast_paths` (frozen weights
+  held in that dtype, peft's LoRA input up-cast off);
+- compiled: fast, with each decoder layer compiled (`compile_layers=true`,
+  train/compiled_layers.py).
 
-Timing: each of the first `--steps` global batches runs forward and backward on both paths in
-turn, from the same weights and with no update, so each pair does identical work; the first
-pair is warm-up. Prints real tokens/s per path and the median of the pairwise ratios.
-`--curve N` then trains N steps on each path from the same start and prints both loss curves
+Timing: each of the first `--steps` global batches runs forward and backward on every path in
+turn (the order alternating), from the same weights and with no update, so each path does
+identical work; the first batch is warm-up (and the compile). Prints real tokens/s per path and,
+for each path, the median of its per-batch ratios to the first path of `--paths`.
+`--curve N` then trains N steps on each path from the same start and prints the loss curves
 (and plots them with `--plot`). Prints numbers, asserts nothing.
 """
 
@@ -22,20 +25,27 @@ import json
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
 
 from llava_lite.train import engine, stepping
+from llava_lite.train.compiled_layers import compiled_layers
 
-PATHS = ("reference", "fast")
+PATHS = ("reference", "fast", "compiled")
 
 
 def _path(run, name: str):
     """Switch `run` to one path; returns the context its steps run in."""
     run.recipe.pack_attention = "mask" if name == "reference" else "prefix"
-    return nullcontext() if name == "reference" else stepping.fast_paths(run)
+    if name == "reference":
+        return nullcontext()
+    scope = ExitStack()
+    scope.enter_context(stepping.fast_paths(run))
+    if name == "compiled":
+        scope.enter_context(compiled_layers(run.unwrapped.model.llm, run.accelerator.device))
+    return scope
 
 
 def _timed(run, name: str, step: int) -> tuple[float, float]:
@@ -47,33 +57,39 @@ def _timed(run, name: str, step: int) -> tuple[float, float]:
     return dt, loss
 
 
-def time_paths(run, steps: int) -> dict:
+def time_paths(run, steps: int, paths: list[str]) -> dict:
     lengths = [len(r.input_ids) for r in run.data.rows]
-    seconds = {p: [] for p in PATHS}
-    tokens, ratios, loss_gap = [], [], 0.0
+    base = paths[0]
+    seconds: dict[str, list[float]] = {p: [] for p in paths}
+    warmup: dict[str, float] = {}
+    tokens, loss_gap = [], {p: 0.0 for p in paths[1:]}
     for step in range(steps):
         dts, losses = {}, {}
-        for name in PATHS if step % 2 == 0 else PATHS[::-1]:
+        for name in paths if step % 2 == 0 else paths[::-1]:
             dts[name], losses[name] = _timed(run, name, step)
-        loss_gap = max(loss_gap, abs(losses["fast"] - losses["reference"]))
+        for p in paths[1:]:
+            loss_gap[p] = max(loss_gap[p], abs(losses[p] - losses[base]))
         if step == 0:
-            continue  # warm-up
+            warmup = {p: round(dts[p], 2) for p in paths}
+            continue
         tokens.append(sum(lengths[i] for i in run.schedule.batch(step)))
-        for p in PATHS:
+        for p in paths:
             seconds[p].append(dts[p])
-        ratios.append(dts["reference"] / dts["fast"])
-    return {"tokens_per_s": {p: round(sum(tokens) / sum(seconds[p]), 1) for p in PATHS},
-            "median_step_s": {p: round(statistics.median(seconds[p]), 3) for p in PATHS},
-            "speedup_median_of_pairs": round(statistics.median(ratios), 3),
-            "max_same_batch_loss_gap": loss_gap, "timed_steps": len(ratios)}
+    return {"tokens_per_s": {p: round(sum(tokens) / sum(seconds[p]), 1) for p in paths},
+            "median_step_s": {p: round(statistics.median(seconds[p]), 3) for p in paths},
+            f"speedup_over_{base}_median_of_batches": {
+                p: round(statistics.median(b / x for b, x in zip(seconds[base], seconds[p], strict=True)), 3)
+                for p in paths[1:]},
+            f"max_same_batch_loss_gap_to_{base}": loss_gap, "warmup_step_s": warmup,
+            "timed_steps": len(tokens)}
 
 
-def loss_curves(run, steps: int) -> dict[str, list[float]]:
+def loss_curves(run, steps: int, paths: list[str]) -> dict[str, list[float]]:
     trainable = [p for p in run.unwrapped.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in trainable]
     opt, sched = copy.deepcopy(run.optimizer.state_dict()), copy.deepcopy(run.scheduler.state_dict())
     curves = {}
-    for name in PATHS:
+    for name in paths:
         with torch.no_grad():
             for p, s in zip(trainable, start, strict=True):
                 p.copy_(s)
@@ -115,8 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=6, help="global batches timed on both paths (the first is warm-up)")
     p.add_argument("--curve", type=int, default=0, help="then train this many steps on each path, for the loss curves")
     p.add_argument("--plot", type=Path, help="write the loss curves to this PNG")
+    p.add_argument("--paths", default="fast,compiled",
+                   help=f"comma-separated, from {', '.join(PATHS)}; ratios are to the first")
     p.add_argument("overrides", nargs="*", help="recipe overrides (key=value)")
     args = p.parse_args(argv)
+    paths = args.paths.split(",")
+    if len(paths) < 2 or any(x not in PATHS for x in paths) or len(set(paths)) != len(paths):
+        p.error(f"--paths: two or more distinct names from {', '.join(PATHS)}; got {args.paths!r}")
     recipe = apply_overrides(get_recipe(args.recipe), [*args.overrides, f"{args.stage}.eval=[]"])
     with tempfile.TemporaryDirectory() as tmp:
         run = _setup(recipe, args.stage, Path(tmp), None, progress=False)
@@ -124,13 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     run.unwrapped = run.accelerator.unwrap_model(run.module)
     run.module.train()
     result = {"recipe": args.recipe, "stage": args.stage, "precision": str(run.accelerator.mixed_precision),
-              "threads": torch.get_num_threads(), **time_paths(run, args.steps)}
+              "threads": torch.get_num_threads(), **time_paths(run, args.steps, paths)}
     if args.curve:
-        curves = loss_curves(run, args.curve)
+        curves = loss_curves(run, args.curve, paths)
         result["loss_curves"] = curves
-        result["max_curve_gap"] = max(abs(a - b) for a, b in zip(*curves.values(), strict=True))
+        result[f"max_curve_gap_to_{paths[0]}"] = {
+            p: max(abs(a - b) for a, b in zip(curves[paths[0]], curves[p], strict=True)) for p in paths[1:]}
         if args.plot:
-            _plot(curves, args.plot, f"{args.recipe}: {args.stage}, reference vs fast path")
+            _plot(curves, args.plot, f"{args.recipe}: {args.stage}, step paths")
     print(json.dumps(result, indent=2))
     return 0
 

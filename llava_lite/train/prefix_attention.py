@@ -125,6 +125,8 @@ def _slot_major(x: torch.Tensor, n: int, s: int) -> torch.Tensor:
     return x.view(n, s, *x.shape[1:]).permute(0, 2, 3, 1, 4)
 
 
+# Kept out of torch.compile (train/compiled_layers.py): its index tensors have data-dependent shapes.
+@torch.compiler.disable
 def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: PackLayout,
                      scaling: float | None = None, dropout: float = 0.0) -> torch.Tensor:
     """(B, H, L, D) query, (B, Hkv, L, D) key/value -> (B, L, H, D), as the block-mask attention

@@ -92,6 +92,9 @@ class TrainRecipe(Settings):
     # (train/prefix_attention.py), "mask" as one attention under a block mask (the reference, and
     # for an LLM whose attention does not dispatch through transformers' AttentionInterface).
     pack_attention: str = "prefix"
+    # torch.compile each LLM decoder layer for the training steps (train/compiled_layers.py):
+    # fuses the element-wise work between the matmuls; needs a C++ compiler on a CPU.
+    compile_layers: bool = False
     save_every: int = 50
     keep_last: int = 2
     skip_bad: bool = False

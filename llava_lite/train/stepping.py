@@ -15,6 +15,7 @@ from llava_lite import checkpoint
 from llava_lite.feature_cache import FeatureCache
 from llava_lite.train import sharding
 from llava_lite.train.batching import BatchSchedule, shard
+from llava_lite.train.compiled_layers import compiled_layers
 from llava_lite.train.engine import EngineRun, StepResult
 from llava_lite.train.packing import Pack, pack_attention
 from llava_lite.train.precision import frozen_linear_weights
@@ -58,8 +59,13 @@ class StageRun(EngineRun):
         # gradient checkpointing recomputes the layers during backward, and must attend the same way.
         scope = ExitStack()
         scope.enter_context(fast_paths(self))
+        llm = self.unwrapped.model.llm
         if self.stage.pack_shared_prefix and self.recipe.pack_attention == "prefix":
-            scope.enter_context(prefix_attention(self.unwrapped.model.llm))
+            scope.enter_context(prefix_attention(llm))
+        if self.recipe.compile_layers:
+            n = scope.enter_context(compiled_layers(llm, self.accelerator.device))
+            if self.main:
+                print(f"[{self.name}] torch.compile: {n} decoder layers (compile_layers=true)")
         return scope
 
     def checkpoint_state(self):
