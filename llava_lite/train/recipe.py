@@ -50,6 +50,10 @@ class StageConfig:
 
     `pack_shared_prefix` packs rows about the same image (up to `max_pack`) into one sequence
     that holds their shared prefix once (see `llava_lite.train.packing`); batch sizes then count packs.
+
+    `compile_layers` runs each LLM decoder layer through torch.compile for the stage's steps
+    (`llava_lite.train.compiled_layers`; a C++ compiler is needed on a CPU). The compile costs
+    15-50 s at the stage's start, so it pays off on long stages.
     """
 
     data: list[DataSpec] = field(default_factory=list)
@@ -70,6 +74,7 @@ class StageConfig:
     max_pack: int = 16
     distill_text: bool = False
     fit_domain_gate: bool = False
+    compile_layers: bool = False
     eval: list[EvalSpec] = field(default_factory=list)
     enabled: bool = True
 
@@ -92,9 +97,6 @@ class TrainRecipe(Settings):
     # (train/prefix_attention.py), "mask" as one attention under a block mask (the reference, and
     # for an LLM whose attention does not dispatch through transformers' AttentionInterface).
     pack_attention: str = "prefix"
-    # torch.compile each LLM decoder layer for the training steps (train/compiled_layers.py):
-    # fuses the element-wise work between the matmuls; needs a C++ compiler on a CPU.
-    compile_layers: bool = False
     save_every: int = 50
     keep_last: int = 2
     skip_bad: bool = False

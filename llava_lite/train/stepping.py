@@ -62,7 +62,7 @@ class StageRun(EngineRun):
         llm = self.unwrapped.model.llm
         if self.stage.pack_shared_prefix and self.recipe.pack_attention == "prefix":
             scope.enter_context(prefix_attention(llm))
-        if self.recipe.compile_layers:
+        if self.stage.compile_layers:
             n = scope.enter_context(compiled_layers(llm, self.accelerator.device))
             if self.main:
                 print(f"[{self.name}] torch.compile: {n} decoder layers (compile_layers=true)")
