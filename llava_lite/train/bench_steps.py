@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="demo")
     p.add_argument("--stage", default="adapter")
-    p.add_argument("--steps", type=int, default=6, help="global batches timed on both paths (the first is warm-up)")
+    p.add_argument("--steps", type=int, default=6, help="global batches timed on every path (the first is warm-up)")
     p.add_argument("--curve", type=int, default=0, help="then train this many steps on each path, for the loss curves")
     p.add_argument("--plot", type=Path, help="write the loss curves to this PNG")
     p.add_argument("--paths", default="fast,compiled",
