@@ -367,6 +367,22 @@ def test_gradient_checkpointing_gives_the_same_losses_on_packed_rows(tiny_recipe
     assert runs["true"] == pytest.approx(runs["false"], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_a_stage_with_compile_layers_trains_as_the_eager_one(tiny_recipe, tmp_path, capsys):
+    """The recipe field reaches the loop, alone and with gradient checkpointing (which recomputes
+    the compiled layers in backward): the adapter's logged losses match the eager run's."""
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["adapter.compile_layers=true"]),
+                        ("checkpointed", ["adapter.compile_layers=true", "gradient_checkpointing=true"])):
+        recipe = tiny_recipe("align.eval=[]", "adapter.eval=[]", *extra)
+        run_recipe(recipe, ["align", "adapter"], tmp_path / name, progress=False)
+        runs[name] = _losses(tmp_path / name / "2-adapter")
+    assert "[adapter] torch.compile:" in capsys.readouterr().out
+    assert len(runs["eager"]) > 1
+    assert runs["compiled"] == pytest.approx(runs["eager"], rel=1e-4)
+    assert runs["checkpointed"] == pytest.approx(runs["eager"], rel=1e-4)
+
+
 def test_compare_runs_finds_the_one_changed_tensor(tmp_path, capsys):
     from safetensors.torch import save_file
 
