@@ -42,4 +42,3 @@ def test_compile_layers_on_a_model_without_named_layers_is_refused():
     with pytest.raises(ConfigError, match="_no_split_modules"):
         with cl.compiled_layers(torch.nn.Linear(2, 2), torch.device("cpu")):
             pass
-

@@ -6,8 +6,8 @@ scaling and the casts that autocast inserts, each a separate pass over the activ
 Inductor fuses those into a few loops per layer, forward and backward. Each layer is compiled
 on its own (regional compilation, with dynamic shapes so that packs of every length share one
 graph); the layers have the same code, so the compile is paid once per stage: 15-50 s on the
-demo recipe on 2 CPU cores. Packed-row attention (`prefix_attention.packed_attention`) stays eager: its index
-tensors come from data-dependent shapes.
+demo recipe on 2 CPU cores. Packed-row attention (`prefix_attention.packed_attention`) stays
+eager: its index tensors come from data-dependent shapes.
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ from llava_lite.config import ConfigError
 
 def decoder_layers(llm: nn.Module) -> list[nn.Module]:
     """The LLM's repeated blocks: the modules whose class the model names in `_no_split_modules`
-    (the same units FSDP shards by)."""
-    names: set[str] = set()
-    for m in llm.modules():
-        names.update(getattr(m, "_no_split_modules", None) or [])
+    (read as `loop.TrainModule` reads it for FSDP's shard units; peft forwards the attribute)."""
+    names = set(getattr(llm, "_no_split_modules", None) or [])
     return [m for m in llm.modules() if type(m).__name__ in names]
 
 
