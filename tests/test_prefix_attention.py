@@ -17,18 +17,37 @@ from tests.test_train import _encoded_rows
 
 
 def _packs(shapes):
+    """Packs from (prefix length, suffixes): a suffix is a length, or (stem length, [leaf lengths])."""
     packs = []
     for prefix, suffixes in shapes:
-        segs = [0] * prefix + [k + 1 for k, n in enumerate(suffixes) for _ in range(n)]
-        pos = list(range(prefix)) + [prefix + i for n in suffixes for i in range(n)]
-        packs.append(Pack([1] * len(segs), [0] * len(segs), [], segs, pos))
+        pack = Pack([], [], [], [0] * prefix, list(range(prefix)))
+        for suffix in suffixes:
+            stem, leaves = suffix if isinstance(suffix, tuple) else (0, [suffix])
+            parent = 0
+            if stem:
+                pack.parents.append(0)
+                parent = len(pack.parents)
+                pack.segments += [parent] * stem
+                pack.positions += range(prefix, prefix + stem)
+            for n in leaves:
+                pack.parents.append(parent)
+                pack.segments += [len(pack.parents)] * n
+                pack.positions += range(prefix + stem, prefix + stem + n)
+        pack.input_ids, pack.labels = [1] * len(pack.segments), [0] * len(pack.segments)
+        packs.append(pack)
     return packs
 
 
-def test_packed_attention_equals_the_block_mask_attention_and_its_gradients():
-    torch.manual_seed(0)
+@pytest.mark.parametrize("shapes", [
     # packs of different prefix and suffix lengths, an unpacked row, a one-token suffix, padding
-    packs = _packs([(5, [3, 2, 4]), (7, []), (4, [1, 5]), (3, [2])])
+    [(5, [3, 2, 4]), (7, []), (4, [1, 5]), (3, [2])],
+    # stems: leaves that see a shared stem beside plain suffixes, a one-token leaf, a stem longer
+    # than any leaf, a pack without stems in the same batch
+    [(5, [(3, [2, 4]), 3, (2, [1, 1, 3])]), (7, []), (4, [(6, [2])]), (3, [2, 1])],
+])
+def test_packed_attention_equals_the_block_mask_attention_and_its_gradients(shapes):
+    torch.manual_seed(0)
+    packs = _packs(shapes)
     width = max(len(p.segments) for p in packs)
     mask, _ = pack_attention(packs, width)
     q = torch.randn(4, 6, width, 8, requires_grad=True)
@@ -36,7 +55,7 @@ def test_packed_attention_equals_the_block_mask_attention_and_its_gradients():
     v = torch.randn(4, 2, width, 8, requires_grad=True)
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
                                          attn_mask=mask).transpose(1, 2)
-    out = packed_attention(q, k, v, layout_of([p.segments for p in packs], width))
+    out = packed_attention(q, k, v, layout_of([p.segments for p in packs], width, [p.parents for p in packs]))
     real = torch.tensor([[i < len(p.segments) for i in range(width)] for p in packs])
     assert torch.allclose(out[real], ref[real], atol=1e-5)
     assert bool(out[~real].isfinite().all())  # padding: anything finite (no label reads it)
@@ -46,10 +65,62 @@ def test_packed_attention_equals_the_block_mask_attention_and_its_gradients():
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_a_leaf_sees_its_stem_and_not_another_stem_or_leaf():
+    pack = _packs([(2, [(2, [1, 1]), (2, [1])])])[0]
+    assert pack.segments == [0, 0, 1, 1, 2, 3, 4, 4, 5] and pack.parents == [0, 1, 1, 0, 4]
+    assert pack.positions == [0, 1, 2, 3, 4, 4, 2, 3, 4]
+    mask, _ = pack_attention([pack], 9)
+    seen = [[k for k in range(9) if mask[0, 0, q, k]] for q in range(9)]
+    assert seen[5] == [0, 1, 2, 3, 5]  # second leaf: prefix, its stem, itself (not the first leaf)
+    assert seen[8] == [0, 1, 6, 7, 8]  # the other stem's leaf
+
+
 def test_a_layout_whose_prefix_is_not_at_the_start_is_refused():
     layout = PackLayout(torch.tensor([[0, 0, 1, 0, -1]]))
     with pytest.raises(ValueError, match="segment 0"):
         layout.index(torch.device("cpu"))
+
+
+INSTRUCTED = "Answer each question with a single word.\n"
+
+
+def test_rows_asked_alike_share_a_stem_and_keep_their_separate_losses(tiny_lite, images, tmp_path):
+    """Questions that start with the same instruction share it once (a stem); the pack's loss,
+    on either attention path, is still the sum of the rows' own losses."""
+    lite = tiny_lite(lora=True, seed=1)
+    images[0].save(tmp_path / "a.png")
+    questions = [(INSTRUCTED + "What color is it?", "red"), ("what color is it", "It is red."),
+                 (INSTRUCTED + "How many shapes are there?", "two"), ("is it big?", "Yes, it is."),
+                 (INSTRUCTED + "Is it big?", "yes")]
+    rows = _encoded_rows(lite, tmp_path / "a.png", questions, instruction="")
+    packs = pack_rows(rows, lite.processor.image_token_id, 16, 512)
+    (pack,) = packs
+    n_stem = len(lite.processor.tokenizer(INSTRUCTED.strip(), add_special_tokens=False)["input_ids"])
+    stems = [k for k in set(pack.parents) if k]
+    assert len(stems) == 1 and pack.parents.count(stems[0]) == 3 and pack.members == 5
+    assert pack.segments.count(stems[0]) >= n_stem
+    without_stems = len(pack.input_ids) + 2 * pack.segments.count(stems[0])
+    assert sum(len(r.input_ids) for r in rows) - (len(rows) - 1) * pack.segments.count(0) == without_stems
+    module = loop.TrainModule(lite.model, contrastive=False)
+    with torch.no_grad():
+        separate = sum(module(**stepping.collate([single(r)], lite.processor, None, packed=False))[0]
+                       for r in rows)
+        for attention in ("prefix", "mask"):
+            packed, _ = module(**stepping.collate(packs, lite.processor, None, packed=True, attention=attention))
+            assert packed.item() == pytest.approx(separate.item(), rel=1e-5), attention
+
+
+def test_a_stem_stops_before_a_supervised_token(tiny_lite, images, tmp_path):
+    """Rows identical up to their answers share no answer token: it would be learnt once, not per row."""
+    lite = tiny_lite(lora=False)
+    images[0].save(tmp_path / "a.png")
+    rows = _encoded_rows(lite, tmp_path / "a.png", [("What is it?", "a red circle"), ("How big?", "small"),
+                                                    ("What is it?", "a red disc")], instruction="")
+    (pack,) = pack_rows(rows, lite.processor.image_token_id, 16, 512)
+    stem = [i for i, s in enumerate(pack.segments) if s == 1]
+    assert pack.parents == [0, 1, 1, 0] and all(pack.labels[i] == -100 for i in stem)
+    leaves = [[pack.labels[i] for i, s in enumerate(pack.segments) if s == k] for k in (2, 3)]
+    assert all(leaf[0] == -100 and any(t != -100 for t in leaf) for leaf in leaves)
 
 
 def _batch_and_module(tiny_lite, images, tmp_path):

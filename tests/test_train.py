@@ -207,12 +207,12 @@ def test_recipe_overrides_and_validation(tiny_recipe):
     assert (ref.instruct.lr, ref.instruct.projector_lr) == (2e-4, 2e-5)
 
 
-def _encoded_rows(lite, image_path, questions, image_first=True):
+def _encoded_rows(lite, image_path, questions, image_first=True, instruction="Answer briefly.\n"):
     from llava_lite.llava_data import EncodedRow, Row
 
     rows = []
     for i, (q, a) in enumerate(questions):
-        text = f"<image>\nAnswer briefly.\n{q}" if image_first else f"{q}\n<image>"
+        text = f"<image>\n{instruction}{q}" if image_first else f"{q}\n<image>"
         conv = [{"role": "user", "content": text}, {"role": "assistant", "content": a}]
         enc = lite.processor.encode_training(conv)
         rows.append(EncodedRow(Row(str(i), [str(image_path)], conv, f"t:{i}"), enc.input_ids, enc.labels))

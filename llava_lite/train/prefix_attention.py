@@ -41,36 +41,47 @@ class _PackIndex:
     seg_tokens: torch.Tensor  # (N * S,) flat token index of each suffix slot (clamped where padded)
     local_keys: torch.Tensor  # (N, 1, 1, S, S): causal within the suffix, real keys only
     token_slot: torch.Tensor  # (B * L,) each token's suffix slot, or N * S (none) for the rest
+    stem: torch.Tensor | None  # (N,) the suffix whose keys each suffix also sees (N: none); None if no stems
+    stem_keys: torch.Tensor | None  # (N, 1, 1, 1, S): the real keys of that stem
 
 
 class PackLayout:
     """Per token of a right-padded batch: 0 for the shared prefix (or an unpacked row), k >= 1
-    for the k-th suffix, -1 for padding. Indexes along the batch like a tensor.
+    for the k-th suffix, -1 for padding; and per row and segment the stem segment it continues
+    (`parents[b, k]`, 0 for none). Indexes along the batch like a tensor.
 
     A plain class, not a dataclass: FSDP2's mixed precision casts a forward's inputs by
     rebuilding every dataclass it finds, which would hand each layer a copy (its own `calls`
     and index) instead of this one object.
     """
 
-    def __init__(self, segments: torch.Tensor) -> None:
+    def __init__(self, segments: torch.Tensor, parents: torch.Tensor | None = None) -> None:
         self.segments = segments  # (B, L) long
+        self.parents = parents  # (B, K + 1) long, or None: no stems
         self.calls = 0  # attention layers that used this layout (0 after a forward: it was ignored)
         self._index: _Index | None = None
 
     def __getitem__(self, rows: torch.Tensor) -> PackLayout:
-        return PackLayout(self.segments[rows])
+        return PackLayout(self.segments[rows], None if self.parents is None else self.parents[rows])
 
     def index(self, device: torch.device) -> _Index:
         if self._index is None:  # built once per micro-batch, shared by every layer
-            self._index = _build_index(self.segments.to(device))
+            parents = None if self.parents is None else self.parents.to(device)
+            self._index = _build_index(self.segments.to(device), parents)
         return self._index
 
 
-def layout_of(segments: list[list[int]], width: int) -> PackLayout:
+def layout_of(segments: list[list[int]], width: int, parents: list[list[int]] | None = None) -> PackLayout:
+    """The layout of right-padded packs; `parents[b][k - 1]` is the stem suffix k of row b continues."""
     seg = torch.full((len(segments), width), PAD, dtype=torch.long)
     for b, s in enumerate(segments):
         seg[b, :len(s)] = torch.tensor(s, dtype=torch.long)
-    return PackLayout(seg)
+    if not parents or not any(any(p) for p in parents):
+        return PackLayout(seg)
+    table = torch.zeros((len(segments), max(len(p) for p in parents) + 1), dtype=torch.long)
+    for b, p in enumerate(parents):
+        table[b, 1:len(p) + 1] = torch.tensor(p, dtype=torch.long)
+    return PackLayout(seg, table)
 
 
 def _suffix_spans(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -84,14 +95,29 @@ def _suffix_spans(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return rows, starts, ends - starts + 1
 
 
-def _build_index(seg: torch.Tensor) -> _Index:
+def _build_index(seg: torch.Tensor, parents: torch.Tensor | None) -> _Index:
     is_pack = (seg > 0).any(1)
     singles, packs = (~is_pack).nonzero().flatten(), is_pack.nonzero().flatten()
     order = torch.cat([singles, packs]).argsort()
-    return _Index(singles, packs, order, _build_pack_index(seg[packs]) if len(packs) else None)
+    packed = None
+    if len(packs):
+        packed = _build_pack_index(seg[packs], None if parents is None else parents[packs])
+    return _Index(singles, packs, order, packed)
 
 
-def _build_pack_index(seg: torch.Tensor) -> _PackIndex:
+def _stem_index(seg: torch.Tensor, parents: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor,
+                valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each suffix span, the span of the stem it continues (N for none), and that stem's real keys."""
+    N = len(rows)
+    ids = seg[rows, starts]
+    span_of = torch.full_like(parents, N)
+    span_of[rows, ids] = torch.arange(N, device=seg.device)
+    stem = span_of[rows, parents[rows, ids]]  # a parent 0 (none) finds N: no span is segment 0
+    keys = torch.cat([valid, valid.new_zeros(1, valid.shape[1])]).index_select(0, stem)
+    return stem, keys[:, None, None, None, :]
+
+
+def _build_pack_index(seg: torch.Tensor, parents: torch.Tensor | None) -> _PackIndex:
     B, L = seg.shape
     pos = torch.arange(L, device=seg.device)
     prefix_len = (seg == 0).sum(1)
@@ -110,8 +136,11 @@ def _build_pack_index(seg: torch.Tensor) -> _PackIndex:
     local_keys = (r[None, :] <= r[:, None])[None] & valid[:, None, :]
     token_slot = torch.full((B * L,), N * S, dtype=torch.long, device=seg.device)
     token_slot[seg_tokens[valid]] = torch.arange(N * S, device=seg.device).view(N, S)[valid]
+    stem, stem_keys = None, None
+    if parents is not None and N:
+        stem, stem_keys = _stem_index(seg, parents, rows, starts, valid)
     return _PackIndex(P, prefix_keys[:, None, None], S, seg_tokens.reshape(-1), local_keys[:, None, None],
-                      token_slot)
+                      token_slot, stem, stem_keys)
 
 
 def _token_major(x: torch.Tensor) -> torch.Tensor:
@@ -157,8 +186,9 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 def _packs_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ix: _PackIndex,
                      scaling: float | None, dropout: float) -> torch.Tensor:
     """Every token scores the (longest) prefix in its row, and a suffix token also the keys of its
-    own suffix, gathered into (suffix, slot) order; one softmax over both sets of scores gives
-    exactly the masked attention's weights, at P + S scores per token instead of L.
+    own suffix (and of its stem), gathered into (suffix, slot) order; one softmax over these sets
+    of scores gives exactly the masked attention's weights, at P + S (+ S) scores per token
+    instead of L.
     """
     B, H, L, D = query.shape
     Hkv = key.shape[1]
@@ -174,19 +204,31 @@ def _packs_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         k_tok = key.permute(0, 2, 1, 3).reshape(B * L, Hkv, 1, D)
         v_tok = value.permute(0, 2, 1, 3).reshape(B * L, Hkv, 1, D)
         ks = _slot_major(k_tok.index_select(0, ix.seg_tokens), N, S)
+        vs = _slot_major(v_tok.index_select(0, ix.seg_tokens), N, S)
+        ks, vs, keys = _with_stems(ks, vs, ix) if ix.stem is not None else (ks, vs, ix.local_keys)
+        K = ks.shape[-2]  # S, or 2 S with stems: each slot's stem keys, then its own suffix's
         local = torch.matmul(_slot_major(q_tok.index_select(0, ix.seg_tokens), N, S), ks.transpose(-1, -2)) * scale
-        local = local.masked_fill(~ix.local_keys, float("-inf")).permute(0, 3, 1, 2, 4).reshape(N * S, Hkv, G, S)
-        none = local.new_full((1, Hkv, G, S), float("-inf"))
+        local = local.masked_fill(~keys, float("-inf")).permute(0, 3, 1, 2, 4).reshape(N * S, Hkv, G, K)
+        none = local.new_full((1, Hkv, G, K), float("-inf"))
         scores = torch.cat([scores, torch.cat([local, none]).index_select(0, ix.token_slot)], dim=-1)
     probs = F.dropout(scores.float().softmax(-1), dropout, training=dropout > 0).to(value.dtype)
     pp = probs[..., :P].view(B, L, Hkv, G, P).permute(0, 2, 3, 1, 4)
     out = torch.matmul(pp, value[:, :, None, :P]).permute(0, 3, 1, 2, 4).reshape(B * L, H, D)
     if N:
         pl = _slot_major(probs[..., P:].index_select(0, ix.seg_tokens), N, S)
-        vs = _slot_major(v_tok.index_select(0, ix.seg_tokens), N, S)
         local_out = torch.matmul(pl, vs).permute(0, 3, 1, 2, 4).reshape(N * S, H, D)
         out = out + torch.cat([local_out, local_out.new_zeros(1, H, D)]).index_select(0, ix.token_slot)
     return out.view(B, L, H, D)
+
+
+def _with_stems(ks: torch.Tensor, vs: torch.Tensor, ix: _PackIndex) -> tuple[torch.Tensor, ...]:
+    """(N, Hkv, 1, S, D) slot keys/values -> (N, Hkv, 1, 2 S, D) with each suffix's stem first, and
+    the (N, 1, 1, S, 2 S) mask: all of the stem's real keys, then causal within the suffix."""
+    def stem_of(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x.new_zeros(1, *x.shape[1:])]).index_select(0, ix.stem)
+
+    keys = torch.cat([ix.stem_keys.expand(-1, -1, -1, ix.seg_len, -1), ix.local_keys], dim=-1)
+    return torch.cat([stem_of(ks), ks], dim=-2), torch.cat([stem_of(vs), vs], dim=-2), keys
 
 
 def _attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,

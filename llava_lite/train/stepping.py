@@ -111,7 +111,7 @@ def collate(packs: list[Pack], processor, cache: FeatureCache | None, packed: bo
                                        positions=[p.positions for p in packs] if prefix else None)
     width = batch["input_ids"].shape[1]
     if prefix:
-        batch["pack_layout"] = layout_of([p.segments for p in packs], width)
+        batch["pack_layout"] = layout_of([p.segments for p in packs], width, [p.parents for p in packs])
     elif packed:
         batch["attention_mask"], batch["position_ids"] = pack_attention(packs, width)
     if images and cache is not None:
