@@ -10,7 +10,7 @@ from peft.helpers import disable_input_dtype_casting
 
 from llava_lite.config import ConfigError
 from llava_lite.train import loop, stepping
-from llava_lite.train.packing import Pack, pack_attention, pack_rows, single
+from llava_lite.train.packing import Pack, pack_attention, pack_rows, single, without_stems
 from llava_lite.train.precision import frozen_linear_weights
 from llava_lite.train.prefix_attention import PackLayout, layout_of, packed_attention
 from tests.test_train import _encoded_rows
@@ -99,14 +99,16 @@ def test_rows_asked_alike_share_a_stem_and_keep_their_separate_losses(tiny_lite,
     stems = [k for k in set(pack.parents) if k]
     assert len(stems) == 1 and pack.parents.count(stems[0]) == 3 and pack.members == 5
     assert pack.segments.count(stems[0]) >= n_stem
-    without_stems = len(pack.input_ids) + 2 * pack.segments.count(stems[0])
-    assert sum(len(r.input_ids) for r in rows) - (len(rows) - 1) * pack.segments.count(0) == without_stems
+    flat = without_stems(pack)  # the layout before stems: only the prefix shared
+    assert not any(flat.parents) and flat.members == 5
+    assert len(flat.input_ids) == sum(len(r.input_ids) for r in rows) - 4 * pack.segments.count(0)
+    assert len(flat.input_ids) - len(pack.input_ids) == 2 * pack.segments.count(stems[0])
     module = loop.TrainModule(lite.model, contrastive=False)
     with torch.no_grad():
         separate = sum(module(**stepping.collate([single(r)], lite.processor, None, packed=False))[0]
                        for r in rows)
-        for attention in ("prefix", "mask"):
-            packed, _ = module(**stepping.collate(packs, lite.processor, None, packed=True, attention=attention))
+        for attention, items in (("prefix", packs), ("mask", packs), ("prefix", [flat])):
+            packed, _ = module(**stepping.collate(items, lite.processor, None, packed=True, attention=attention))
             assert packed.item() == pytest.approx(separate.item(), rel=1e-5), attention
 
 

@@ -7,11 +7,14 @@
 - fast: prefix attention, and under bf16/fp16 autocast `stepping.fast_paths` (frozen weights
   held in that dtype, peft's LoRA input up-cast off);
 - compiled: fast, with each decoder layer compiled (`compile_layers=true`,
-  train/compiled_layers.py).
+  train/compiled_layers.py);
+- compiled-flat: compiled, on packs whose stems are copied into their leaves
+  (`packing.without_stems`: the layout before stems, more tokens for the same rows).
 
 Timing: each of the first `--steps` global batches runs forward and backward on every path in
-turn (the order alternating), from the same weights and with no update, so each path does
-identical work; the first batch is warm-up (and the compile). Prints real tokens/s per path and,
+turn (the order alternating), from the same weights and with no update, so each path trains
+the same rows; the first batch is warm-up (and the compile). Prints each path's tokens/s (the
+tokens its layout feeds the LLM) and supervised tokens/s (the same work for every path) and,
 for each path, the median of its per-batch ratios to the first path of `--paths`.
 `--curve N` then trains N steps on each path from the same start and prints the loss curves
 (and plots them with `--plot`). Prints numbers, asserts nothing.
@@ -25,15 +28,27 @@ import json
 import statistics
 import tempfile
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
 from llava_lite.train import engine, stepping
 from llava_lite.train.compiled_layers import compiled_layers
+from llava_lite.train.packing import without_stems
 
-PATHS = ("reference", "fast", "compiled")
+PATHS = ("reference", "fast", "compiled", "compiled-flat")
+
+
+@contextmanager
+def _packs(run, flat: bool):
+    rows = run.data.rows
+    if flat:
+        run.data.rows = [without_stems(p) for p in rows]
+    try:
+        yield
+    finally:
+        run.data.rows = rows
 
 
 def _path(run, name: str):
@@ -43,9 +58,15 @@ def _path(run, name: str):
         return nullcontext()
     scope = ExitStack()
     scope.enter_context(stepping.fast_paths(run))
-    if name == "compiled":
+    if name.startswith("compiled"):
         scope.enter_context(compiled_layers(run.unwrapped.model.llm, run.accelerator.device))
+    scope.enter_context(_packs(run, flat=name == "compiled-flat"))
     return scope
+
+
+def _batch_tokens(run, name: str, step: int) -> int:
+    with _packs(run, flat=name == "compiled-flat"):
+        return sum(len(run.data.rows[i].input_ids) for i in run.schedule.batch(step))
 
 
 def _timed(run, name: str, step: int) -> tuple[float, float]:
@@ -58,11 +79,11 @@ def _timed(run, name: str, step: int) -> tuple[float, float]:
 
 
 def time_paths(run, steps: int, paths: list[str]) -> dict:
-    lengths = [len(r.input_ids) for r in run.data.rows]
     base = paths[0]
     seconds: dict[str, list[float]] = {p: [] for p in paths}
     warmup: dict[str, float] = {}
-    tokens, loss_gap = [], {p: 0.0 for p in paths[1:]}
+    tokens: dict[str, list[int]] = {p: [] for p in paths}
+    supervised, loss_gap = [], {p: 0.0 for p in paths[1:]}
     for step in range(steps):
         dts, losses = {}, {}
         for name in paths if step % 2 == 0 else paths[::-1]:
@@ -72,16 +93,18 @@ def time_paths(run, steps: int, paths: list[str]) -> dict:
         if step == 0:
             warmup = {p: round(dts[p], 2) for p in paths}
             continue
-        tokens.append(sum(lengths[i] for i in run.schedule.batch(step)))
+        supervised.append(sum(run.data.label_counts[i] for i in run.schedule.batch(step)))
         for p in paths:
             seconds[p].append(dts[p])
-    return {"tokens_per_s": {p: round(sum(tokens) / sum(seconds[p]), 1) for p in paths},
+            tokens[p].append(_batch_tokens(run, p, step))
+    return {"tokens_per_s": {p: round(sum(tokens[p]) / sum(seconds[p]), 1) for p in paths},
+            "supervised_tokens_per_s": {p: round(sum(supervised) / sum(seconds[p]), 2) for p in paths},
             "median_step_s": {p: round(statistics.median(seconds[p]), 3) for p in paths},
             f"speedup_over_{base}_median_of_batches": {
                 p: round(statistics.median(b / x for b, x in zip(seconds[base], seconds[p], strict=True)), 3)
                 for p in paths[1:]},
             f"max_same_batch_loss_gap_to_{base}": loss_gap, "warmup_step_s": warmup,
-            "timed_steps": len(tokens)}
+            "timed_steps": len(supervised)}
 
 
 def loss_curves(run, steps: int, paths: list[str]) -> dict[str, list[float]]:

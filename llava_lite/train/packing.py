@@ -102,6 +102,25 @@ def _append_segment(pack: Pack, ids: list[int], labels: list[int], start: int, p
     return k
 
 
+def without_stems(pack: Pack) -> Pack:
+    """The same rows with only the prefix shared, each stem copied into its leaves: the layout
+    before stems (for comparisons; it trains identically, on more tokens)."""
+    if not any(pack.parents):
+        return pack
+    spans: dict[int, list[int]] = {}
+    for i, k in enumerate(pack.segments):
+        spans.setdefault(k, []).append(i)
+    p = len(spans[0])
+    flat = Pack(pack.input_ids[:p], pack.labels[:p], pack.images, [0] * p, pack.positions[:p], pack.members)
+    stems = set(pack.parents)
+    for k, parent in enumerate(pack.parents, start=1):
+        if k not in stems:
+            idx = (spans[parent] if parent else []) + spans[k]
+            _append_segment(flat, [pack.input_ids[i] for i in idx], [pack.labels[i] for i in idx],
+                            pack.positions[idx[0]], 0)
+    return flat
+
+
 def pack_rows(rows: list[EncodedRow], image_token_id: int, max_members: int, max_length: int) -> list[Pack]:
     """Group rows by image (keeping order) and pack each group in chunks of at most
     `max_members` rows and `max_length` tokens; rows that cannot share a prefix stay single."""

@@ -42,7 +42,7 @@ class _PackIndex:
     local_keys: torch.Tensor  # (N, 1, 1, S, S): causal within the suffix, real keys only
     token_slot: torch.Tensor  # (B * L,) each token's suffix slot, or N * S (none) for the rest
     stem: torch.Tensor | None  # (N,) the suffix whose keys each suffix also sees (N: none); None if no stems
-    stem_keys: torch.Tensor | None  # (N, 1, 1, 1, S): the real keys of that stem
+    stem_keys: torch.Tensor | None  # (N, 1, 1, 1, T): the real keys of that stem (T: the longest stem)
 
 
 class PackLayout:
@@ -114,7 +114,8 @@ def _stem_index(seg: torch.Tensor, parents: torch.Tensor, rows: torch.Tensor, st
     span_of[rows, ids] = torch.arange(N, device=seg.device)
     stem = span_of[rows, parents[rows, ids]]  # a parent 0 (none) finds N: no span is segment 0
     keys = torch.cat([valid, valid.new_zeros(1, valid.shape[1])]).index_select(0, stem)
-    return stem, keys[:, None, None, None, :]
+    longest = max(int(keys.sum(1).max()), 1)  # stems are short: their key block is this wide, not S
+    return stem, keys[:, None, None, None, :longest]
 
 
 def _build_pack_index(seg: torch.Tensor, parents: torch.Tensor | None) -> _PackIndex:
@@ -206,7 +207,7 @@ def _packs_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         ks = _slot_major(k_tok.index_select(0, ix.seg_tokens), N, S)
         vs = _slot_major(v_tok.index_select(0, ix.seg_tokens), N, S)
         ks, vs, keys = _with_stems(ks, vs, ix) if ix.stem is not None else (ks, vs, ix.local_keys)
-        K = ks.shape[-2]  # S, or 2 S with stems: each slot's stem keys, then its own suffix's
+        K = ks.shape[-2]  # S, or T + S with stems: each slot's stem keys, then its own suffix's
         local = torch.matmul(_slot_major(q_tok.index_select(0, ix.seg_tokens), N, S), ks.transpose(-1, -2)) * scale
         local = local.masked_fill(~keys, float("-inf")).permute(0, 3, 1, 2, 4).reshape(N * S, Hkv, G, K)
         none = local.new_full((1, Hkv, G, K), float("-inf"))
@@ -222,9 +223,12 @@ def _packs_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 
 def _with_stems(ks: torch.Tensor, vs: torch.Tensor, ix: _PackIndex) -> tuple[torch.Tensor, ...]:
-    """(N, Hkv, 1, S, D) slot keys/values -> (N, Hkv, 1, 2 S, D) with each suffix's stem first, and
-    the (N, 1, 1, S, 2 S) mask: all of the stem's real keys, then causal within the suffix."""
+    """(N, Hkv, 1, S, D) slot keys/values -> (N, Hkv, 1, T + S, D) with each suffix's stem first, and
+    the (N, 1, 1, S, T + S) mask: all of the stem's real keys, then causal within the suffix."""
+    T = ix.stem_keys.shape[-1]
+
     def stem_of(x: torch.Tensor) -> torch.Tensor:
+        x = x[..., :T, :]
         return torch.cat([x, x.new_zeros(1, *x.shape[1:])]).index_select(0, ix.stem)
 
     keys = torch.cat([ix.stem_keys.expand(-1, -1, -1, ix.seg_len, -1), ix.local_keys], dim=-1)

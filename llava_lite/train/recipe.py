@@ -49,7 +49,9 @@ class StageConfig:
     the saved model; it needs cached features and `model.label_bridge.enabled` in the recipe.
 
     `pack_shared_prefix` packs rows about the same image (up to `max_pack`) into one sequence
-    that holds their shared prefix once (see `llava_lite.train.packing`); batch sizes then count packs.
+    that holds their shared prefix once, and the beginnings their questions share (an
+    answer-format instruction) once more (stems, see `llava_lite.train.packing`); batch sizes
+    then count packs.
 
     `compile_layers` runs each LLM decoder layer through torch.compile for the stage's steps
     (`llava_lite.train.compiled_layers`; a C++ compiler is needed on a CPU). The compile costs
