@@ -44,15 +44,18 @@ def _packs(shapes):
     # stems: leaves that see a shared stem beside plain suffixes, a one-token leaf, a stem longer
     # than any leaf, a pack without stems in the same batch
     [(5, [(3, [2, 4]), 3, (2, [1, 1, 3])]), (7, []), (4, [(6, [2])]), (3, [2, 1])],
+    # many short suffixes and a long one (a caption): two length groups, stems in both
+    [(3, [2, 2, 2, 2, (2, [2, 1]), 2, 12, (3, [11])]), (5, [1, 9, 2, 2])],
 ])
 def test_packed_attention_equals_the_block_mask_attention_and_its_gradients(shapes):
     torch.manual_seed(0)
     packs = _packs(shapes)
     width = max(len(p.segments) for p in packs)
     mask, _ = pack_attention(packs, width)
-    q = torch.randn(4, 6, width, 8, requires_grad=True)
-    k = torch.randn(4, 2, width, 8, requires_grad=True)  # grouped-query: 3 query heads per kv head
-    v = torch.randn(4, 2, width, 8, requires_grad=True)
+    B = len(packs)
+    q = torch.randn(B, 6, width, 8, requires_grad=True)
+    k = torch.randn(B, 2, width, 8, requires_grad=True)  # grouped-query: 3 query heads per kv head
+    v = torch.randn(B, 2, width, 8, requires_grad=True)
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
                                          attn_mask=mask).transpose(1, 2)
     out = packed_attention(q, k, v, layout_of([p.segments for p in packs], width, [p.parents for p in packs]))
@@ -63,6 +66,17 @@ def test_packed_attention_equals_the_block_mask_attention_and_its_gradients(shap
     for a, b in zip(torch.autograd.grad((ref * weights).sum(), (q, k, v)),
                     torch.autograd.grad((out * weights).sum(), (q, k, v)), strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_suffixes_are_split_by_length_where_that_pads_less():
+    from llava_lite.train.prefix_attention import _split_by_length
+
+    groups = _split_by_length(torch.tensor([2, 12, 3, 2, 2, 11, 3, 2]))
+    assert [sorted(g.tolist()) for g in groups] == [[0, 2, 3, 4, 6, 7], [1, 5]]
+    assert len(_split_by_length(torch.tensor([4, 5, 4, 5]))) == 1  # splitting saves too little here
+    packs = _packs([(3, [2, 2, 2, 2, (2, [2, 1]), 2, 12, (3, [11])])])
+    layout = layout_of([p.segments for p in packs], 48, [p.parents for p in packs])
+    assert [g.seg_len for g in layout.index(torch.device("cpu")).packed.groups] == [3, 12]
 
 
 def test_a_leaf_sees_its_stem_and_not_another_stem_or_leaf():

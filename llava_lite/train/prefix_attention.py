@@ -34,15 +34,30 @@ class _Index:
 
 
 @dataclass
+class _SpanGroup:
+    """Suffixes of similar length, each padded to the group's longest (S) in (suffix, slot) order."""
+
+    seg_len: int  # S
+    seg_tokens: torch.Tensor  # (N * S,) flat token index of each slot (clamped where padded)
+    local_keys: torch.Tensor  # (N, 1, 1, S, S): causal within the suffix, real keys only
+    stem_tokens: torch.Tensor | None  # (N * T,) flat token index of each suffix's stem keys; None: no stems
+    stem_keys: torch.Tensor | None  # (N, 1, 1, 1, T): which of those are real (none for a suffix without one)
+
+    @property
+    def count(self) -> int:
+        return self.seg_tokens.numel() // self.seg_len
+
+    @property
+    def key_width(self) -> int:
+        return self.seg_len + (0 if self.stem_keys is None else self.stem_keys.shape[-1])
+
+
+@dataclass
 class _PackIndex:
     width: int  # P: the longest prefix (segment 0) in the batch
     prefix_keys: torch.Tensor  # (B, 1, 1, L, P): which prefix key each token sees
-    seg_len: int  # S: the longest suffix
-    seg_tokens: torch.Tensor  # (N * S,) flat token index of each suffix slot (clamped where padded)
-    local_keys: torch.Tensor  # (N, 1, 1, S, S): causal within the suffix, real keys only
-    token_slot: torch.Tensor  # (B * L,) each token's suffix slot, or N * S (none) for the rest
-    stem: torch.Tensor | None  # (N,) the suffix whose keys each suffix also sees (N: none); None if no stems
-    stem_keys: torch.Tensor | None  # (N, 1, 1, 1, T): the real keys of that stem (T: the longest stem)
+    groups: list[_SpanGroup]  # the suffixes, split by length so that few slots are padding
+    token_slot: torch.Tensor  # (B * L,) each token's slot among the groups' slots in turn, or their total (none)
 
 
 class PackLayout:
@@ -105,17 +120,50 @@ def _build_index(seg: torch.Tensor, parents: torch.Tensor | None) -> _Index:
     return _Index(singles, packs, order, packed)
 
 
-def _stem_index(seg: torch.Tensor, parents: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor,
-                valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each suffix span, the span of the stem it continues (N for none), and that stem's real keys."""
+def _stem_spans(seg: torch.Tensor, parents: torch.Tensor | None, rows: torch.Tensor, starts: torch.Tensor,
+                lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each suffix span, the start and length of the stem it continues (length 0: none)."""
     N = len(rows)
+    if parents is None or not N:
+        return starts.new_zeros(N), starts.new_zeros(N)
     ids = seg[rows, starts]
     span_of = torch.full_like(parents, N)
     span_of[rows, ids] = torch.arange(N, device=seg.device)
     stem = span_of[rows, parents[rows, ids]]  # a parent 0 (none) finds N: no span is segment 0
-    keys = torch.cat([valid, valid.new_zeros(1, valid.shape[1])]).index_select(0, stem)
-    longest = max(int(keys.sum(1).max()), 1)  # stems are short: their key block is this wide, not S
-    return stem, keys[:, None, None, None, :longest]
+    pad = starts.new_zeros(1)
+    return torch.cat([starts, pad])[stem], torch.cat([lengths, pad])[stem]
+
+
+def _split_by_length(lengths: torch.Tensor) -> list[torch.Tensor]:
+    """The spans in one or two groups, at the length cut that pads the fewest (slot x key) pairs: a
+    few long suffixes (captions) would otherwise pad every short one to their length. A second
+    group costs kernels of its own, so it must save at least a quarter of those pairs."""
+    order = lengths.argsort()
+    ls = lengths[order].tolist()
+    n = len(ls)
+    best, cut = 0.75 * n * ls[-1] ** 2, n
+    for i in range(1, n):
+        cost = i * ls[i - 1] ** 2 + (n - i) * ls[-1] ** 2
+        if ls[i] != ls[i - 1] and cost < best:
+            best, cut = cost, i
+    return [order[:cut], order[cut:]] if cut < n else [order]
+
+
+def _span_group(rows: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, stem_starts: torch.Tensor,
+                stem_lengths: torch.Tensor, L: int) -> _SpanGroup:
+    S = max(int(lengths.max()), 1)
+    r = torch.arange(S, device=rows.device)
+    valid = r[None, :] < lengths[:, None]
+    seg_tokens = rows[:, None] * L + starts[:, None] + torch.minimum(r[None, :], (lengths - 1)[:, None])
+    local_keys = (r[None, :] <= r[:, None])[None] & valid[:, None, :]
+    stem_tokens = stem_keys = None
+    T = int(stem_lengths.max())
+    if T:  # stems are short: their key block is as wide as the longest, not S
+        t = torch.arange(T, device=rows.device)
+        last = (stem_lengths - 1).clamp(min=0)
+        stem_tokens = (rows[:, None] * L + stem_starts[:, None] + torch.minimum(t[None, :], last[:, None])).reshape(-1)
+        stem_keys = (t[None, :] < stem_lengths[:, None])[:, None, None, None, :]
+    return _SpanGroup(S, seg_tokens.reshape(-1), local_keys[:, None, None], stem_tokens, stem_keys)
 
 
 def _build_pack_index(seg: torch.Tensor, parents: torch.Tensor | None) -> _PackIndex:
@@ -130,18 +178,17 @@ def _build_pack_index(seg: torch.Tensor, parents: torch.Tensor | None) -> _PackI
     causal = i[None, None, :] <= pos[None, :, None]
     prefix_keys = (i[None, None, :] < prefix_len[:, None, None]) & ((seg[:, :, None] != 0) | causal)
     rows, starts, lengths = _suffix_spans(seg)
-    N, S = len(lengths), max(int(lengths.max()) if len(lengths) else 1, 1)
-    r = torch.arange(S, device=seg.device)
-    valid = r[None, :] < lengths[:, None]
-    seg_tokens = rows[:, None] * L + starts[:, None] + torch.minimum(r[None, :], (lengths - 1)[:, None])
-    local_keys = (r[None, :] <= r[:, None])[None] & valid[:, None, :]
-    token_slot = torch.full((B * L,), N * S, dtype=torch.long, device=seg.device)
-    token_slot[seg_tokens[valid]] = torch.arange(N * S, device=seg.device).view(N, S)[valid]
-    stem, stem_keys = None, None
-    if parents is not None and N:
-        stem, stem_keys = _stem_index(seg, parents, rows, starts, valid)
-    return _PackIndex(P, prefix_keys[:, None, None], S, seg_tokens.reshape(-1), local_keys[:, None, None],
-                      token_slot, stem, stem_keys)
+    stem_starts, stem_lengths = _stem_spans(seg, parents, rows, starts, lengths)
+    groups, base = [], 0
+    token_slot = torch.empty(B * L, dtype=torch.long, device=seg.device)
+    for idx in _split_by_length(lengths) if len(lengths) else []:
+        g = _span_group(rows[idx], starts[idx], lengths[idx], stem_starts[idx], stem_lengths[idx], L)
+        real = (torch.arange(g.seg_len, device=seg.device)[None, :] < lengths[idx][:, None]).reshape(-1)
+        token_slot[g.seg_tokens[real]] = base + real.nonzero().flatten()
+        groups.append(g)
+        base += g.seg_tokens.numel()
+    token_slot[(seg <= 0).reshape(-1)] = base  # prefix and padding: the masked row after every slot
+    return _PackIndex(P, prefix_keys[:, None, None], groups, token_slot)
 
 
 def _token_major(x: torch.Tensor) -> torch.Tensor:
@@ -188,51 +235,62 @@ def _packs_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      scaling: float | None, dropout: float) -> torch.Tensor:
     """Every token scores the (longest) prefix in its row, and a suffix token also the keys of its
     own suffix (and of its stem), gathered into (suffix, slot) order; one softmax over these sets
-    of scores gives exactly the masked attention's weights, at P + S (+ S) scores per token
+    of scores gives exactly the masked attention's weights, at P + S (+ T) scores per token
     instead of L.
     """
     B, H, L, D = query.shape
     Hkv = key.shape[1]
     G = H // Hkv
-    P, S = ix.width, ix.seg_len
-    N = ix.seg_tokens.numel() // S
+    P = ix.width
     scale = D ** -0.5 if scaling is None else scaling
     q = query.view(B, Hkv, G, L, D)
     scores = torch.matmul(q, key[:, :, None, :P].transpose(-1, -2)) * scale  # (B, Hkv, G, L, P)
     scores = _token_major(scores.masked_fill(~ix.prefix_keys, float("-inf")))
-    if N:
+    tokens = [x.permute(0, 2, 1, 3).reshape(B * L, Hkv, 1, D) for x in (key, value)]
+    if ix.groups:
+        K = max(g.key_width for g in ix.groups)
         q_tok = _token_major(q)
-        k_tok = key.permute(0, 2, 1, 3).reshape(B * L, Hkv, 1, D)
-        v_tok = value.permute(0, 2, 1, 3).reshape(B * L, Hkv, 1, D)
-        ks = _slot_major(k_tok.index_select(0, ix.seg_tokens), N, S)
-        vs = _slot_major(v_tok.index_select(0, ix.seg_tokens), N, S)
-        ks, vs, keys = _with_stems(ks, vs, ix) if ix.stem is not None else (ks, vs, ix.local_keys)
-        K = ks.shape[-2]  # S, or T + S with stems: each slot's stem keys, then its own suffix's
-        local = torch.matmul(_slot_major(q_tok.index_select(0, ix.seg_tokens), N, S), ks.transpose(-1, -2)) * scale
-        local = local.masked_fill(~keys, float("-inf")).permute(0, 3, 1, 2, 4).reshape(N * S, Hkv, G, K)
-        none = local.new_full((1, Hkv, G, K), float("-inf"))
-        scores = torch.cat([scores, torch.cat([local, none]).index_select(0, ix.token_slot)], dim=-1)
+        local = [_group_scores(q_tok, tokens[0], g, scale, K) for g in ix.groups]
+        local.append(local[0].new_full((1, Hkv, G, K), float("-inf")))
+        scores = torch.cat([scores, torch.cat(local).index_select(0, ix.token_slot)], dim=-1)
     probs = F.dropout(scores.float().softmax(-1), dropout, training=dropout > 0).to(value.dtype)
     pp = probs[..., :P].view(B, L, Hkv, G, P).permute(0, 2, 3, 1, 4)
     out = torch.matmul(pp, value[:, :, None, :P]).permute(0, 3, 1, 2, 4).reshape(B * L, H, D)
-    if N:
-        pl = _slot_major(probs[..., P:].index_select(0, ix.seg_tokens), N, S)
-        local_out = torch.matmul(pl, vs).permute(0, 3, 1, 2, 4).reshape(N * S, H, D)
-        out = out + torch.cat([local_out, local_out.new_zeros(1, H, D)]).index_select(0, ix.token_slot)
+    if ix.groups:
+        local_out = [_group_values(probs[..., P:], tokens[1], g) for g in ix.groups]
+        local_out.append(local_out[0].new_zeros(1, H, D))
+        out = out + torch.cat(local_out).index_select(0, ix.token_slot)
     return out.view(B, L, H, D)
 
 
-def _with_stems(ks: torch.Tensor, vs: torch.Tensor, ix: _PackIndex) -> tuple[torch.Tensor, ...]:
-    """(N, Hkv, 1, S, D) slot keys/values -> (N, Hkv, 1, T + S, D) with each suffix's stem first, and
-    the (N, 1, 1, S, T + S) mask: all of the stem's real keys, then causal within the suffix."""
-    T = ix.stem_keys.shape[-1]
+def _group_keys(tok: torch.Tensor, g: _SpanGroup) -> torch.Tensor:
+    """(B * L, Hkv, 1, D) token-major keys or values -> the group's (N, Hkv, 1, T + S, D): each
+    suffix's stem keys (if the group has stems), then its own."""
+    own = _slot_major(tok.index_select(0, g.seg_tokens), g.count, g.seg_len)
+    if g.stem_tokens is None:
+        return own
+    stem = _slot_major(tok.index_select(0, g.stem_tokens), g.count, g.stem_keys.shape[-1])
+    return torch.cat([stem, own], dim=-2)
 
-    def stem_of(x: torch.Tensor) -> torch.Tensor:
-        x = x[..., :T, :]
-        return torch.cat([x, x.new_zeros(1, *x.shape[1:])]).index_select(0, ix.stem)
 
-    keys = torch.cat([ix.stem_keys.expand(-1, -1, -1, ix.seg_len, -1), ix.local_keys], dim=-1)
-    return torch.cat([stem_of(ks), ks], dim=-2), torch.cat([stem_of(vs), vs], dim=-2), keys
+def _group_scores(q_tok: torch.Tensor, k_tok: torch.Tensor, g: _SpanGroup, scale: float, width: int) -> torch.Tensor:
+    """The group's slot scores (N * S, Hkv, G, width), -inf past its own key width and at masked keys."""
+    N, S = g.count, g.seg_len
+    qs = _slot_major(q_tok.index_select(0, g.seg_tokens), N, S)
+    keys = g.local_keys
+    if g.stem_keys is not None:
+        keys = torch.cat([g.stem_keys.expand(-1, -1, -1, S, -1), keys], dim=-1)
+    scores = (torch.matmul(qs, _group_keys(k_tok, g).transpose(-1, -2)) * scale).masked_fill(~keys, float("-inf"))
+    scores = scores.permute(0, 3, 1, 2, 4).reshape(N * S, *qs.shape[1:3], g.key_width)
+    return F.pad(scores, (0, width - g.key_width), value=float("-inf")) if width > g.key_width else scores
+
+
+def _group_values(probs: torch.Tensor, v_tok: torch.Tensor, g: _SpanGroup) -> torch.Tensor:
+    """Token-major probabilities over the suffix keys -> the group's (N * S, H, D) weighted values."""
+    N, S = g.count, g.seg_len
+    pl = _slot_major(probs[..., :g.key_width].index_select(0, g.seg_tokens), N, S)
+    out = torch.matmul(pl, _group_keys(v_tok, g))  # (N, Hkv, G, S, D)
+    return out.permute(0, 3, 1, 2, 4).reshape(N * S, -1, out.shape[-1])
 
 
 def _attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
