@@ -150,7 +150,8 @@ def _split_by_length(lengths: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _span_group(rows: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, stem_starts: torch.Tensor,
-                stem_lengths: torch.Tensor, L: int) -> _SpanGroup:
+                stem_lengths: torch.Tensor, L: int) -> tuple[_SpanGroup, torch.Tensor]:
+    """The group, and which of its (N * S) slots hold a real token."""
     S = max(int(lengths.max()), 1)
     r = torch.arange(S, device=rows.device)
     valid = r[None, :] < lengths[:, None]
@@ -163,7 +164,7 @@ def _span_group(rows: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
         last = (stem_lengths - 1).clamp(min=0)
         stem_tokens = (rows[:, None] * L + stem_starts[:, None] + torch.minimum(t[None, :], last[:, None])).reshape(-1)
         stem_keys = (t[None, :] < stem_lengths[:, None])[:, None, None, None, :]
-    return _SpanGroup(S, seg_tokens.reshape(-1), local_keys[:, None, None], stem_tokens, stem_keys)
+    return _SpanGroup(S, seg_tokens.reshape(-1), local_keys[:, None, None], stem_tokens, stem_keys), valid.reshape(-1)
 
 
 def _build_pack_index(seg: torch.Tensor, parents: torch.Tensor | None) -> _PackIndex:
@@ -182,8 +183,7 @@ def _build_pack_index(seg: torch.Tensor, parents: torch.Tensor | None) -> _PackI
     groups, base = [], 0
     token_slot = torch.empty(B * L, dtype=torch.long, device=seg.device)
     for idx in _split_by_length(lengths) if len(lengths) else []:
-        g = _span_group(rows[idx], starts[idx], lengths[idx], stem_starts[idx], stem_lengths[idx], L)
-        real = (torch.arange(g.seg_len, device=seg.device)[None, :] < lengths[idx][:, None]).reshape(-1)
+        g, real = _span_group(rows[idx], starts[idx], lengths[idx], stem_starts[idx], stem_lengths[idx], L)
         token_slot[g.seg_tokens[real]] = base + real.nonzero().flatten()
         groups.append(g)
         base += g.seg_tokens.numel()
