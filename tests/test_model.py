@@ -243,6 +243,23 @@ def test_efficientnet_concat_blocks_widens_every_token_with_pooled_block_feature
         EfficientNetLite0Tower(pretrained=False, concat_blocks=[16])
 
 
+def test_efficientnet_runs_channels_last_with_the_plain_layouts_values(images):
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from llava_lite.vision.efficientnet import EfficientNetLite0Tower
+
+    tower = EfficientNetLite0Tower(pretrained=False, strategy="cls_patch")
+    assert tower.net._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    pixels = tower.preprocess([img.convert("RGB") for img in images[:2]])
+    plain = EfficientNet.from_name("efficientnet-lite0").eval()  # never converted: NCHW weights and input
+    plain.load_state_dict(tower.net.state_dict())
+    assert plain._conv_stem.weight.is_contiguous() and not plain._conv_stem.weight.is_contiguous(
+        memory_format=torch.channels_last)
+    with torch.no_grad():
+        reference = plain.extract_features(pixels)
+    assert torch.allclose(tower(pixels)[:, 1:], reference.flatten(2).transpose(1, 2), atol=1e-5)
+
+
 def test_efficientnet_class_probs_equal_its_imagenet_head_on_a_real_photo():
     import matplotlib
     from PIL import Image
