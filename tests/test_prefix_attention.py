@@ -210,11 +210,11 @@ def test_bench_steps_compares_the_paths_on_the_same_batches(capsys):
     from llava_lite.train import bench_steps
 
     assert bench_steps.main(["--recipe", "tiny", "--stage", "adapter", "--steps", "3", "--curve", "3",
-                             "--paths", "reference,fast"]) == 0
+                             "--paths", "reference,fast,fast-flat"]) == 0
     out = capsys.readouterr().out
     result = json.loads(out[out.index("{"):])
-    assert result["timed_steps"] == 2 and set(result["tokens_per_s"]) == {"reference", "fast"}
-    assert set(result["speedup_over_reference_median_of_batches"]) == {"fast"}
+    assert result["timed_steps"] == 2 and set(result["tokens_per_s"]) == {"reference", "fast", "fast-flat"}
+    assert set(result["speedup_over_reference_median_of_batches"]) == {"fast", "fast-flat"}
     assert max(result["max_same_batch_loss_gap_to_reference"].values()) < 1e-4
     assert len(result["loss_curves"]["fast"]) == 3
     assert max(result["max_curve_gap_to_reference"].values()) < 1e-3

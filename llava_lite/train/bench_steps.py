@@ -8,8 +8,9 @@
   held in that dtype, peft's LoRA input up-cast off);
 - compiled: fast, with each decoder layer compiled (`compile_layers=true`,
   train/compiled_layers.py);
-- compiled-flat: compiled, on packs whose stems are copied into their leaves
-  (`packing.without_stems`: the layout before stems, more tokens for the same rows).
+- fast-flat, compiled-flat: fast or compiled, on packs whose stems are copied into their
+  leaves (`packing.without_stems`: the layout before stems, more tokens for the same rows).
+  `fast-flat` is the adapter stage's step as issue 20 first measured it.
 
 Timing: each of the first `--steps` global batches runs forward and backward on every path in
 turn (the order alternating), from the same weights and with no update, so each path trains
@@ -37,7 +38,7 @@ from llava_lite.train import engine, stepping
 from llava_lite.train.compiled_layers import compiled_layers
 from llava_lite.train.packing import without_stems
 
-PATHS = ("reference", "fast", "compiled", "compiled-flat")
+PATHS = ("reference", "fast", "fast-flat", "compiled", "compiled-flat")
 
 
 @contextmanager
@@ -60,12 +61,12 @@ def _path(run, name: str):
     scope.enter_context(stepping.fast_paths(run))
     if name.startswith("compiled"):
         scope.enter_context(compiled_layers(run.unwrapped.model.llm, run.accelerator.device))
-    scope.enter_context(_packs(run, flat=name == "compiled-flat"))
+    scope.enter_context(_packs(run, flat=name.endswith("-flat")))
     return scope
 
 
 def _batch_tokens(run, name: str, step: int) -> int:
-    with _packs(run, flat=name == "compiled-flat"):
+    with _packs(run, flat=name.endswith("-flat")):
         return sum(len(run.data.rows[i].input_ids) for i in run.schedule.batch(step))
 
 
