@@ -49,7 +49,8 @@ def align() -> StageConfig:
         max_steps=30, batch_size=32, micro_batch_size=16,
         projector_lr=2e-3, warmup_ratio=0.05,
         contrastive_weight=0.1,
-        eval=[EvalSpec(name="easyvqa-test", args={"limit": 100}, batch_size=32)],
+        # no stage-end check: short answers are the adapter's to learn (it scored 3% here, every
+        # run, and cost 25 s); each stage seeds itself, so this leaves the trained weights as they were
     )
 
 
@@ -78,6 +79,9 @@ def adapter() -> StageConfig:
         # 2-core EPYC, and a loss curve closer to fp32's than eager bf16's; the shorter stages
         # gained 1.06x (instruct) and 1.16x (bridge) a step, about what the compile costs them
         compile_layers=True,
+        # Fewer steps on less easy-VQA failed (2026-12-07): 200 steps with a third of easy-VQA's
+        # questions left colour unlearnt (14%) with a third of its colour rows, and with all of
+        # them answered "yes" to absent shapes (easy-VQA yes/no 72.7%, scenes 47% after instruct).
         max_steps=330, batch_size=8, micro_batch_size=8,
         lr=2e-3, projector_lr=1e-3, warmup_ratio=0.05,
         eval=[EvalSpec(name="easyvqa-test", args={"limit": 100}, batch_size=32)],
