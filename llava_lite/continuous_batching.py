@@ -3,9 +3,10 @@
 A decode step of a small LLM on a CPU is bound by reading the weights, not by arithmetic, so
 a step over eight conversations costs little more than a step over one. One worker thread
 owns the model. Conversations arrive prepared (`LlavaLite.prepare`: images through the tower,
-prompt tokenized, in the caller's thread). A new conversation runs its own prefill (reusing a cached prefix from
-`LlavaLite.prompt_cache` when it continues an earlier one) and joins the running batch at the
-next step; a finished one leaves at once. No conversation waits for another to finish.
+prompt tokenized, in the caller's thread). The conversations waiting at a step are prefilled
+together in one forward (each reusing a cached prefix from `LlavaLite.prompt_cache` when it
+continues an earlier one) and join the running batch at the next step; a finished one leaves
+at once. No conversation waits for another to finish.
 
 The batch's KV cache is left-padded: each row's real keys and values are a suffix of the time
 axis, the attention mask hides the padding and every row keeps its own positions, as in
@@ -126,6 +127,47 @@ class _Batch:
                 layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
 
 
+def _prefill_rows(lite, inputs: list[tuple]) -> tuple[torch.Tensor, list[DynamicCache]]:
+    """One forward over several prompts, each (cached prefix or None, its length, new embeddings):
+    the prefixes are left-padded to the longest, the new parts too, so a row reads
+    [pad, prefix, pad, new] under its attention mask and its own positions. Returns the last
+    position's logits per row and each row's cache without its padding."""
+    device = lite.device
+    R = max(reused for _, reused, _ in inputs)
+    N = max(e.shape[1] for _, _, e in inputs)
+    embeds = torch.cat([F.pad(e, (0, 0, N - e.shape[1], 0)) for _, _, e in inputs])
+    mask = torch.zeros((len(inputs), R + N), dtype=torch.long, device=device)
+    pos = torch.zeros((len(inputs), N), dtype=torch.long, device=device)
+    for row, (_, reused, e) in enumerate(inputs):
+        n = e.shape[1]
+        mask[row, R - reused:R] = 1
+        mask[row, R + N - n:] = 1
+        pos[row, N - n:] = torch.arange(reused, reused + n, device=device)
+    cache = DynamicCache(config=lite.model.llm.config)
+    if R:
+        layers = [c.layers if c is not None else None for c, _, _ in inputs]
+        past = []
+        for i, ref in enumerate(next(x for x in layers if x is not None)):
+            keys, values = [], []
+            for row_layers in layers:
+                k = ref.keys[:, :, :0] if row_layers is None else row_layers[i].keys
+                v = ref.values[:, :, :0] if row_layers is None else row_layers[i].values
+                keys.append(_pad_left(k, R))
+                values.append(_pad_left(v, R))
+            past.append((torch.cat(keys), torch.cat(values)))
+        cache = DynamicCache(ddp_cache_data=past)
+    out = lite.model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
+                         logits_to_keep=1, **with_cache(cache))
+    full = output_cache(out)
+    rows = []
+    for row in range(len(inputs)):
+        cols = mask[row].nonzero().flatten()
+        rows.append(DynamicCache(ddp_cache_data=[(layer.keys[row:row + 1].index_select(2, cols),
+                                                  layer.values[row:row + 1].index_select(2, cols))
+                                                 for layer in full.layers]))
+    return out.logits[:, -1], rows
+
+
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
     """Zero-pad the time axis (dim 2 of keys/values, dim 1 of a mask) on the left to `width`."""
     missing = width - t.shape[-2 if t.dim() == 4 else -1]
@@ -199,21 +241,61 @@ class ContinuousBatcher:
             room = self.max_batch - len(self._batch)
             admit, self._pending = self._pending[:room], self._pending[room:]
             self._admitting = admit  # neither pending nor in the batch: a crash must still end them
-        for gen in admit:
-            self._admit(gen)
+        self._admit_many(admit)
         with self._lock:
             self._admitting = []
         if self._batch.gens:
             self._step()
         return True
 
-    def _admit(self, gen: Generation) -> None:
+    def _admit_many(self, gens: list[Generation]) -> None:
+        """Prefill the admitted conversations in one forward pass, emit each first token and join
+        the batch. A lone 90-token prefill of the 8-bit default model cost twice as much per
+        request as four together (its row padding and weight casts are paid once per forward).
+        If the shared forward fails, each is retried alone, so a bad request fails only itself."""
+        ready = []
+        for gen in gens:
+            try:
+                if reason := self._stop_reason(gen):
+                    gen._end(reason)
+                    continue
+                ready.append((gen, self._prefill_inputs(gen)))
+            except Exception as err:  # this request's failure only
+                log.exception("prefill failed")
+                gen._end("error", err)
+        if len(ready) < 2:
+            for gen, inputs in ready:
+                self._admit(gen, inputs)
+            return
+        try:
+            logits, caches = _prefill_rows(self.lite, [inputs for _, inputs in ready])
+            tokens = self._sample([gen for gen, _ in ready], logits)
+        except Exception:  # noqa: BLE001 - one request's input may break the shared pass: retry alone
+            log.warning("batched prefill failed; prefilling one at a time", exc_info=True)
+            for gen, inputs in ready:
+                self._admit(gen, inputs)
+            return
+        with self._lock:
+            for (gen, _), token, cache in zip(ready, tokens, caches, strict=True):
+                if not self._emit(gen, token):
+                    self._join(gen, cache, token)
+                else:
+                    self._done_at_prefill(gen, cache)
+
+    def _prefill_inputs(self, gen: Generation) -> tuple:
+        """(cached prefix or None, its length, the embeddings of the rest) of one prompt."""
+        lite, prompt = self.lite, gen.prompt
+        cache, reused = lite.prompt_cache.take(prompt.ids, prompt.keys)
+        input_ids = torch.tensor([prompt.ids], device=lite.device)
+        return cache, reused, lite.model.embed(input_ids, prompt.embeds)[:, reused:]
+
+    def _admit(self, gen: Generation, inputs: tuple | None = None) -> None:
         """Prefill one conversation, emit its first token and, unless done, add it to the batch."""
         try:
             if reason := self._stop_reason(gen):
                 gen._end(reason)
                 return
-            token, state = self._prefill(gen)
+            token, state = self._prefill(gen, inputs)
         except Exception as err:  # this request's failure only; the batch goes on
             log.exception("prefill failed")
             gen._end("error", err)
@@ -224,14 +306,12 @@ class ContinuousBatcher:
             else:
                 self._done_at_prefill(gen, state)
 
-    def _prefill(self, gen: Generation):
+    def _prefill(self, gen: Generation, inputs: tuple | None = None):
         """(first token, the row's KV cache), reusing a cached prefix of the prompt."""
-        lite, prompt = self.lite, gen.prompt
-        cache, reused = lite.prompt_cache.take(prompt.ids, prompt.keys)
+        lite = self.lite
+        cache, _, embeds = inputs or self._prefill_inputs(gen)
         if cache is None:
-            cache, reused = DynamicCache(config=lite.model.llm.config), 0
-        input_ids = torch.tensor([prompt.ids], device=lite.device)
-        embeds = lite.model.embed(input_ids, prompt.embeds)[:, reused:]
+            cache = DynamicCache(config=lite.model.llm.config)
         out = lite.model.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **with_cache(cache))
         return self._sample([gen], out.logits[:, -1])[0], output_cache(out)
 

@@ -52,12 +52,16 @@ class LlamaCppBatcher(ContinuousBatcher):
         self.decoder = lite.decoder
         self._batch = _Rows()
 
+    def _admit_many(self, gens: list[Generation]) -> None:
+        for gen in gens:  # each prefill fills its own KV slot
+            self._admit(gen)
+
     def _free_slot(self, keys: list) -> int:
         busy = set(self._batch.slots)
         free = [s for s in range(self.max_batch) if s not in busy]
         return max(free, key=lambda s: self.decoder.shared_prefix(s, keys))
 
-    def _prefill(self, gen: Generation):
+    def _prefill(self, gen: Generation, inputs: tuple | None = None):
         """(first token, the slot it now holds)."""
         prompt, pos = prompt_inputs(self.lite, gen.prompt.ids, gen.prompt.embeds, gen.prompt.keys)
         with self._lock:

@@ -83,6 +83,38 @@ def test_a_follow_up_turn_reuses_the_cached_prefix_and_matches(tiny_lite):
     assert got == lite.chat(follow, images=images, max_new_tokens=6)
 
 
+def test_prompts_prefilled_together_equal_each_prefilled_alone(lite):
+    """Rows of different lengths, one continuing a cached prefix: one padded forward gives each
+    row the logits and (unpadded) keys and values that its own prefill gives."""
+    from transformers import DynamicCache
+
+    from llava_lite.continuous_batching import _prefill_rows
+    from llava_lite.llm import output_cache, with_cache
+
+    llm = lite.model.llm
+    embeds = []
+    for m, i in _conversations()[:3]:
+        prompt = lite.prepare(m, i)
+        embeds.append(lite.model.embed(torch.tensor([prompt.ids]), prompt.embeds))
+    k = 5
+
+    def prefix():  # a cached first k positions of prompt 0 (built afresh: a prefill extends it)
+        out = llm(inputs_embeds=embeds[0][:, :k], use_cache=True, **with_cache(DynamicCache(config=llm.config)))
+        return output_cache(out)
+
+    with torch.no_grad():
+        inputs = [(prefix(), k, embeds[0][:, k:]), (None, 0, embeds[1]), (None, 0, embeds[2])]
+        logits, caches = _prefill_rows(lite, inputs)
+        for row, (cache, _, new) in enumerate([(prefix(), k, embeds[0][:, k:]), *inputs[1:]]):
+            out = llm(inputs_embeds=new, use_cache=True, logits_to_keep=1,
+                      **with_cache(cache if cache is not None else DynamicCache(config=llm.config)))
+            assert torch.allclose(logits[row], out.logits[0, -1], atol=1e-5)
+            for got, want in zip(caches[row].layers, output_cache(out).layers, strict=True):
+                assert got.keys.shape == want.keys.shape and torch.allclose(got.keys, want.keys, atol=1e-5)
+                assert torch.allclose(got.values, want.values, atol=1e-5)
+    assert len({e.shape[1] for e in embeds}) == 3  # the rows really were padded
+
+
 def test_closing_one_generation_leaves_the_others_unchanged(lite):
     convs = _conversations()[:3]
     expected = _reference(lite, convs, 15)
