@@ -275,12 +275,8 @@ class ContinuousBatcher:
             for gen, inputs in ready:
                 self._admit(gen, inputs)
             return
-        with self._lock:
-            for (gen, _), token, cache in zip(ready, tokens, caches, strict=True):
-                if not self._emit(gen, token):
-                    self._join(gen, cache, token)
-                else:
-                    self._done_at_prefill(gen, cache)
+        for (gen, _), token, cache in zip(ready, tokens, caches, strict=True):
+            self._start(gen, token, cache)
 
     def _prefill_inputs(self, gen: Generation) -> tuple:
         """(cached prefix or None, its length, the embeddings of the rest) of one prompt."""
@@ -300,6 +296,10 @@ class ContinuousBatcher:
             log.exception("prefill failed")
             gen._end("error", err)
             return
+        self._start(gen, token, state)
+
+    def _start(self, gen: Generation, token: int, state) -> None:
+        """Emit a prefilled conversation's first token; unless that ends it, add it to the batch."""
         with self._lock:
             if not self._emit(gen, token):
                 self._join(gen, state, token)
