@@ -196,6 +196,9 @@ class ContinuousBatcher:
         self._worker: threading.Thread | None = None
         self.steps = 0  # decode steps run, and rows they carried: their ratio is the mean batch
         self.rows_stepped = 0
+        self.prefills = 0  # prefill forwards, the requests they carried and their new tokens
+        self.prefilled_rows = 0
+        self.prefilled_tokens = 0
         eos = lite.processor.tokenizer.eos_token_id
         self._eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
 
@@ -275,8 +278,14 @@ class ContinuousBatcher:
             for gen, inputs in ready:
                 self._admit(gen, inputs)
             return
+        self._count_prefill([inputs for _, inputs in ready])
         for (gen, _), token, cache in zip(ready, tokens, caches, strict=True):
             self._start(gen, token, cache)
+
+    def _count_prefill(self, inputs: list[tuple]) -> None:
+        self.prefills += 1
+        self.prefilled_rows += len(inputs)
+        self.prefilled_tokens += sum(embeds.shape[1] for _, _, embeds in inputs)
 
     def _prefill_inputs(self, gen: Generation) -> tuple:
         """(cached prefix or None, its length, the embeddings of the rest) of one prompt."""
@@ -309,10 +318,12 @@ class ContinuousBatcher:
     def _prefill(self, gen: Generation, inputs: tuple | None = None):
         """(first token, the row's KV cache), reusing a cached prefix of the prompt."""
         lite = self.lite
-        cache, _, embeds = inputs or self._prefill_inputs(gen)
+        inputs = inputs or self._prefill_inputs(gen)
+        cache, _, embeds = inputs
         if cache is None:
             cache = DynamicCache(config=lite.model.llm.config)
         out = lite.model.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **with_cache(cache))
+        self._count_prefill([inputs])
         return self._sample([gen], out.logits[:, -1])[0], output_cache(out)
 
     def _join(self, gen: Generation, cache, token: int) -> None:

@@ -6,15 +6,22 @@ first token then costs about as much as its new text, not the whole conversation
 
 A cached prefix is reused only as far as the images in it are the same images, since image
 placeholders are the same token ids whatever the picture.
+
+Different conversations share a head too: the system prompt and the template's opening (24
+tokens of the default model's 88-token first turn). A prompt that needs only part of a
+cached entry gets a copy of that part, and the entry stays for its own conversation, so a new
+chat starts from the shared head without taking another user's follow-up cache away.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from transformers import DynamicCache
 
 
 @dataclass
@@ -43,11 +50,19 @@ def _image_runs(tokens: Sequence[int], image_token_id: int) -> list[int]:
     return starts
 
 
+def copy_prefix(cache: DynamicCache, n: int) -> DynamicCache:
+    """A new cache holding copies of the first `n` positions of `cache`'s keys and values."""
+    return DynamicCache(ddp_cache_data=[(layer.keys[..., :n, :].clone(), layer.values[..., :n, :].clone())
+                                        for layer in cache.layers])
+
+
 class PromptCache:
     """A small LRU of KV caches keyed by token sequence and image identity."""
 
-    def __init__(self, image_token_id: int, capacity: int = 4, min_reuse: int = 8) -> None:
+    def __init__(self, image_token_id: int, capacity: int = 4, min_reuse: int = 8,
+                 copy: Callable[[Any, int], Any] = copy_prefix) -> None:
         self.image_token_id = image_token_id
+        self.copy = copy
         self.capacity = capacity
         self.min_reuse = min_reuse
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
@@ -69,8 +84,10 @@ class PromptCache:
         return min(n, len(tokens) - 1)  # at least one token must go through the model
 
     def take(self, tokens: Sequence[int], image_keys: Sequence[str]) -> tuple[Any, int]:
-        """(cache cropped to the longest usable prefix, its length), or (None, 0). The entry
-        leaves the pool: a cache is extended in place, so two generations never share one."""
+        """(a cache of the longest usable prefix, its length), or (None, 0). An entry used whole
+        leaves the pool: a cache is extended in place, so two generations never share one. An
+        entry used in part (another conversation's shared head, or an earlier branch of this
+        one) stays, and the caller gets a copy of the part."""
         if self.capacity <= 0:
             return None, 0
         with self._lock:
@@ -82,12 +99,13 @@ class PromptCache:
             if best_id is None or best_n < self.min_reuse:
                 self.misses += 1
                 return None, 0
-            entry = self._entries.pop(best_id)
             self.hits += 1
             self.reused_tokens += best_n
-        surplus = entry.cache.get_seq_length() - best_n
-        if surplus > 0:
-            entry.cache.crop(-surplus)  # transformers 5: a negative count of tokens to drop
+            entry = self._entries[best_id]
+            if best_n < len(entry.tokens):
+                self._entries.move_to_end(best_id)  # a shared head stays recent while chats start from it
+                return self.copy(entry.cache, best_n), best_n
+            del self._entries[best_id]
         return entry.cache, best_n
 
     def put(self, tokens: Sequence[int], image_keys: Sequence[str], cache: Any) -> None:

@@ -16,7 +16,8 @@ def test_bench_variant_on_a_tiny_clip_model(tiny_lite, tmp_path):
     ckpt = tiny_lite(lora=True).save_pretrained(tmp_path / "ckpt")
     res = run_variant(str(ckpt), "fp32", new_tokens=4, repeats=1, batch_sizes=[1, 2], device=None)
     assert res.reference.startswith("LlavaForConditionalGeneration")
-    for name in ("llm_weight_bytes", "image_encode_ms", "prefill_ms", "first_token_ms", "second_turn_first_token_ms",
+    for name in ("llm_weight_bytes", "image_encode_ms", "prefill_ms", "cold_first_token_ms", "first_token_ms",
+                 "second_turn_first_token_ms",
                  "decode_tok_s", "ask_decode_tok_s", "reference_decode_tok_s", "peak_memory_bytes"):
         value = getattr(res, name)
         assert value > 0 and math.isfinite(value), name
@@ -37,7 +38,8 @@ def test_bench_llamacpp_variant_times_llama_cpp_itself(tiny_lite, tmp_path, monk
     assert res.backend == "llamacpp-q8_0" and not res.error
     gguf = next((tmp_path / "cache" / "gguf").glob("*-q8_0.gguf"))
     assert res.llm_weight_bytes == gguf.stat().st_size  # what llama.cpp reads, not the torch copy
-    for name in ("prefill_ms", "first_token_ms", "second_turn_first_token_ms", "decode_tok_s", "ask_decode_tok_s"):
+    for name in ("prefill_ms", "cold_first_token_ms", "first_token_ms", "second_turn_first_token_ms", "decode_tok_s",
+                 "ask_decode_tok_s"):
         value = getattr(res, name)
         assert value > 0 and math.isfinite(value), name
     assert res.batch_tok_s == {}  # batches run in torch, so they are not reported as llama.cpp's

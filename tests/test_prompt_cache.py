@@ -62,6 +62,10 @@ class _FakeCache:
         self.n += k
 
 
+def _fake_copy(cache: _FakeCache, n: int) -> _FakeCache:
+    return _FakeCache(n)
+
+
 @pytest.mark.parametrize("new, keys, expected", [
     ([1, 2, 9, 9, 9, 3, 4, 5, 6, 7], ("a",), 8),  # same image, longer prompt: all cached tokens
     ([1, 2, 9, 9, 9, 3, 4, 5], ("a",), 7),  # the new prompt is the cached one: keep one token to run
@@ -69,11 +73,49 @@ class _FakeCache:
     ([1, 2, 9, 9, 9, 3, 8, 8, 8], ("a",), 6),  # the text diverges after the image
 ])
 def test_usable_prefix_stops_at_text_or_image_differences(new, keys, expected):
-    pc = PromptCache(image_token_id=9, capacity=2, min_reuse=1)
-    pc.put([1, 2, 9, 9, 9, 3, 4, 5], ("a",), _FakeCache(8))
+    pc = PromptCache(image_token_id=9, capacity=2, min_reuse=1, copy=_fake_copy)
+    stored = _FakeCache(8)
+    pc.put([1, 2, 9, 9, 9, 3, 4, 5], ("a",), stored)
     cache, n = pc.take(new, keys)
     assert n == expected and cache.n == expected
-    assert pc.take(new, keys) == (None, 0)  # taken: a cache is never shared by two generations
+    if expected == 8:  # used whole: handed over, never shared by two generations
+        assert cache is stored and pc.take(new, keys) == (None, 0)
+    else:  # used in part: a copy, and the entry stays whole for its own conversation
+        assert cache is not stored and stored.n == 8
+        assert pc.take(new, keys)[1] == expected
+
+
+def test_a_new_chat_copies_the_shared_head_and_leaves_the_other_chats_cache(tiny_lite, images):
+    lite = tiny_lite(lora=False)
+    first = [lite.user_message("what is this?")]
+    reply = lite.chat(first, images=[images[0]], max_new_tokens=4)
+    head = lite.processor.encode_prompt(first).index(lite.processor.image_token_id)
+    other = lite.chat([lite.user_message("what is that?")], images=[images[2]], max_new_tokens=4)
+    assert lite.prompt_cache.hits == 1 and lite.prompt_cache.reused_tokens == head
+    # the first chat's follow-up still finds its whole cache
+    before = lite.prompt_cache.reused_tokens
+    followed = lite.chat(_conversation(lite, reply, "and the colour?"), images=[images[0]], max_new_tokens=4)
+    assert lite.prompt_cache.reused_tokens - before > head
+    lite.prompt_cache.clear()
+    lite.prompt_cache.capacity = 0
+    assert lite.chat([lite.user_message("what is that?")], images=[images[2]], max_new_tokens=4) == other
+    assert lite.chat(_conversation(lite, reply, "and the colour?"), images=[images[0]], max_new_tokens=4) == followed
+
+
+def test_copy_prefix_copies_the_first_positions_of_every_layer():
+    import torch
+    from transformers import DynamicCache
+
+    from llava_lite.prompt_cache import copy_prefix
+
+    layers = [(torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 4)) for _ in range(3)]
+    cache = DynamicCache(ddp_cache_data=layers)
+    part = copy_prefix(cache, 5)
+    assert part.get_seq_length() == 5 and len(part.layers) == 3
+    for (k, v), layer in zip(layers, part.layers, strict=True):
+        assert torch.equal(layer.keys, k[..., :5, :]) and torch.equal(layer.values, v[..., :5, :])
+    part.layers[0].keys.add_(1)  # a copy: writing it leaves the source alone
+    assert torch.equal(cache.layers[0].keys, layers[0][0])
 
 
 def test_capacity_evicts_oldest():

@@ -94,7 +94,7 @@ def app_factory(tiny_lite):
 
     def make(keys=(), rpm=0, concurrent=0):
         engine = ChatEngine(tiny_lite(lora=False), ServeLimits(max_new_tokens=4))
-        metrics = ServerMetrics(lambda: engine.queue_depth, lambda: engine.in_flight)
+        metrics = ServerMetrics(lambda: engine.queue_depth, lambda: engine.in_flight, engine.counters)
         engine.on_finish.append(metrics.observe_generation)
         gate = GateState(ApiKeys(list(keys)), RateLimiter(RateLimitConfig(rpm, concurrent)), metrics)
         routes = list(build_router(engine, ImagePolicy()).routes) + list(build_ops_router(engine, gate, metrics).routes)
@@ -144,6 +144,11 @@ def test_health_metrics_and_access_log_agree_with_what_was_served(app_factory, c
     assert f"llava_lite_generated_tokens_total {float(tokens)}" in text
     assert 'llava_lite_errors_total{kind="bad_request"} 1.0' in text
     assert "llava_lite_time_to_first_token_seconds_count 3.0" in text and "llava_lite_queue_depth 0.0" in text
+    # three prefills, one after another; the second and third reuse the first's cached prompt
+    assert "llava_lite_prefill_requests_total 3.0" in text and "llava_lite_prefill_passes_total 3.0" in text
+    assert "llava_lite_prompt_cache_hits_total 2.0" in text
+    prefilled = engine.batcher.prefilled_tokens
+    assert 0 < prefilled and f"llava_lite_prefill_tokens_total {float(prefilled)}" in text
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "llava_lite.access"]
     chats = [line for line in lines if line["route"] == "/v1/chat/completions"]
     assert [c["status"] for c in chats] == [200, 200, 200, 400]

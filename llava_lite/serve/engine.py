@@ -85,6 +85,20 @@ class ChatEngine:
     def in_flight(self) -> int:
         return self._active
 
+    def counters(self) -> dict[str, tuple[str, float]]:
+        """Prefill and prompt-cache counts for /metrics: passes / requests is the mean number
+        of requests prefilled together; reused / (reused + prefilled) tokens is the share of
+        prompt tokens the prompt cache saved."""
+        b, cache = self.batcher, self.lite.prompt_cache
+        return {
+            "llava_lite_prefill_passes": ("prefill forward passes", b.prefills),
+            "llava_lite_prefill_requests": ("requests prefilled (several can share a pass)", b.prefilled_rows),
+            "llava_lite_prefill_tokens": ("prompt tokens run through the model in prefills", b.prefilled_tokens),
+            "llava_lite_prompt_cache_hits": ("prompts that reused cached keys and values", cache.hits),
+            "llava_lite_prompt_cache_reused_tokens": ("prompt tokens taken from the prompt cache",
+                                                      cache.reused_tokens),
+        }
+
     def cancel_all(self) -> None:
         """Stop every running generation at its next token (server shutdown); they end with
         finish_reason "cancelled". New generations are not affected."""

@@ -32,8 +32,23 @@ def error_kind(status: int) -> str | None:
     return ERROR_KINDS.get(status, "server_error" if status >= 500 else "client_error")
 
 
+class _CountersCollector:
+    """Counters that live on the engine's objects (the batcher's prefills, the prompt cache's
+    reuse), read when /metrics is scraped."""
+
+    def __init__(self, counters: Callable[[], dict[str, tuple[str, float]]]) -> None:
+        self.counters = counters
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        for name, (doc, value) in self.counters().items():
+            yield CounterMetricFamily(name, doc, value=value)
+
+
 class ServerMetrics:
-    def __init__(self, queue_depth: Callable[[], float], in_flight: Callable[[], float]) -> None:
+    def __init__(self, queue_depth: Callable[[], float], in_flight: Callable[[], float],
+                 counters: Callable[[], dict[str, tuple[str, float]]] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("llava_lite_requests", "HTTP requests by route and status", ["route", "status"],
@@ -48,6 +63,8 @@ class ServerMetrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         Gauge("llava_lite_queue_depth", "requests waiting for a generation slot", registry=r).set_function(queue_depth)
         Gauge("llava_lite_generations_in_flight", "generations running now", registry=r).set_function(in_flight)
+        if counters is not None:
+            r.register(_CountersCollector(counters))
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
         route = route_label(path)

@@ -79,7 +79,7 @@ def start(engine: ChatEngine, config: ServeConfig, access: Access) -> RunningSer
 
     limits = engine.limits
     _setup_logging()
-    metrics = ServerMetrics(lambda: engine.queue_depth, lambda: engine.in_flight)
+    metrics = ServerMetrics(lambda: engine.queue_depth, lambda: engine.in_flight, engine.counters)
     engine.on_finish.append(metrics.observe_generation)
     engine.on_finish.append(MallocTrimmer())
     gate = GateState(access.keys, RateLimiter(config.rate_limit), metrics)

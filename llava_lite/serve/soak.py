@@ -116,6 +116,12 @@ def _client(worker: int, url: str, items: list[dict], stop: float, results: list
                             "correct": reply.strip(" .").lower() == item["answer"]})
 
 
+PREFILL_COUNTERS = {"llava_lite_prefill_passes_total": "prefill_passes",
+                    "llava_lite_prefill_requests_total": "prefill_requests",
+                    "llava_lite_prefill_tokens_total": "prefill_tokens",
+                    "llava_lite_prompt_cache_reused_tokens_total": "reused_tokens"}
+
+
 def scrape(url: str) -> dict[str, float]:
     """The server's own counts from /metrics (and readiness from /health), summed over labels."""
     import urllib.request
@@ -125,6 +131,7 @@ def scrape(url: str) -> dict[str, float]:
     with urllib.request.urlopen(f"{url}/metrics", timeout=30) as res:
         text = res.read().decode()
     counts = {"api_requests": 0.0, "api_429": 0.0, "generations": 0.0, "tokens": 0.0}
+    counts |= dict.fromkeys(PREFILL_COUNTERS.values(), 0.0)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "llava_lite_requests_total" and sample.labels["route"] == "/v1/chat/completions":
@@ -134,6 +141,8 @@ def scrape(url: str) -> dict[str, float]:
                 counts["generations"] += sample.value
             elif sample.name == "llava_lite_generated_tokens_total":
                 counts["tokens"] += sample.value
+            elif sample.name in PREFILL_COUNTERS:
+                counts[PREFILL_COUNTERS[sample.name]] += sample.value
     with urllib.request.urlopen(f"{url}/health", timeout=30) as res:
         counts["ready"] = float(json.loads(res.read())["ready"])
     return counts
@@ -237,18 +246,23 @@ def _phase(url: str, items: list[dict], clients: int, args) -> dict:
     """`clients` clients for --minutes: aggregate completion tokens/s and latency."""
     results: list[dict] = []
     lock = threading.Lock()
+    before = scrape(url)
     start = time.time()
     stop = start + 60 * args.minutes
     for th in _start_clients(clients, url, items, stop, results, lock, args):
         th.join(timeout=600)
     elapsed = time.time() - start
+    server = {k: scrape(url)[k] - before[k] for k in PREFILL_COUNTERS.values()}
     ok = [r for r in results if not r["error"] and not r["rate_limited"]]
     lat = np.array([r["latency_s"] for r in ok]) if ok else np.array([float("nan")])
     return {"clients": clients, "requests": len(results), "errors": len(results) - len(ok),
             "error_examples": sorted({r["error"] for r in results if r["error"]})[:3],
             "tokens": sum(r["tokens"] for r in ok), "seconds": round(elapsed, 1),
             "tok_per_s": round(sum(r["tokens"] for r in ok) / elapsed, 2),
-            "p50_s": round(float(np.percentile(lat, 50)), 2), "p95_s": round(float(np.percentile(lat, 95)), 2)}
+            "p50_s": round(float(np.percentile(lat, 50)), 2), "p95_s": round(float(np.percentile(lat, 95)), 2),
+            # the server's own view: requests per prefill pass, and prompt tokens the cache saved
+            "per_prefill": round(server["prefill_requests"] / max(server["prefill_passes"], 1), 2),
+            "reused": round(server["reused_tokens"] / max(server["reused_tokens"] + server["prefill_tokens"], 1), 2)}
 
 
 def _throughput(url: str, items: list[dict], args, out: Path) -> int:
@@ -257,7 +271,8 @@ def _throughput(url: str, items: list[dict], args, out: Path) -> int:
     ratio = phases[1]["tok_per_s"] / phases[0]["tok_per_s"] if phases[0]["tok_per_s"] else float("nan")
     report = {"phases": phases, "ratio": round(ratio, 2), "prompt": args.prompt, "max_tokens": args.max_tokens}
     (out / "throughput.json").write_text(json.dumps(report, indent=2))
-    keys = ["clients", "requests", "errors", "tokens", "seconds", "tok_per_s", "p50_s", "p95_s"]
+    keys = ["clients", "requests", "errors", "tokens", "seconds", "tok_per_s", "p50_s", "p95_s", "per_prefill",
+            "reused"]
     md = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
     md += "".join("| " + " | ".join(str(ph[k]) for k in keys) + " |\n" for ph in phases)
     md += f"\n{args.clients} clients / 1 client, aggregate tokens/s: **{ratio:.2f}x**\n"
