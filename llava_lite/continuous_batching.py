@@ -42,7 +42,8 @@ class Generation:
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.temperature, self.top_p = float(temperature), float(top_p)
-        self.deadline = time.monotonic() + timeout_s
+        self.submitted = time.monotonic()
+        self.deadline = self.submitted + timeout_s
         self.streamer = TextIteratorStreamer(tokenizer, skip_special_tokens=True)
         self.tokens: list[int] = []
         self.finish_reason: str | None = None  # "stop", "length", "timeout", "cancelled" or "error"
@@ -183,11 +184,16 @@ class ContinuousBatcher:
     worker thread starts with the first submission and ends when there is nothing to do.
     """
 
-    def __init__(self, lite, max_batch: int = 8, cancel_all: threading.Event | None = None) -> None:
+    def __init__(self, lite, max_batch: int = 8, cancel_all: threading.Event | None = None,
+                 prefill_group: int = 1, prefill_wait_s: float = 0.0) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if prefill_group < 1 or prefill_wait_s < 0:
+            raise ValueError(f"prefill_group must be at least 1 and prefill_wait_s at least 0, got "
+                             f"{prefill_group} and {prefill_wait_s}")
         self.lite = lite
         self.max_batch = max_batch
+        self.prefill_group, self.prefill_wait_s = prefill_group, prefill_wait_s
         self.cancel_all = cancel_all or threading.Event()
         self._pending: list[Generation] = []
         self._admitting: list[Generation] = []
@@ -242,6 +248,8 @@ class ContinuousBatcher:
                 self._worker = None
                 return False
             room = self.max_batch - len(self._batch)
+            if not self._admit_now(room):
+                room = 0
             admit, self._pending = self._pending[:room], self._pending[room:]
             self._admitting = admit  # neither pending nor in the batch: a crash must still end them
         self._admit_many(admit)
@@ -250,6 +258,16 @@ class ContinuousBatcher:
         if self._batch.gens:
             self._step()
         return True
+
+    def _admit_now(self, room: int) -> bool:
+        """Whether waiting requests are admitted at this step. While others decode, a request
+        may wait up to `prefill_wait_s` for company, so that `prefill_group` of them share one
+        prefill: alone, a prefill pays its weight casts and row padding for one request. With
+        nothing decoding, waiting would only delay it."""
+        if not self._batch.gens or not self._pending:
+            return True
+        return (len(self._pending) >= min(self.prefill_group, room)
+                or time.monotonic() - self._pending[0].submitted >= self.prefill_wait_s)
 
     def _admit_many(self, gens: list[Generation]) -> None:
         """Prefill the admitted conversations in one forward pass, emit each first token and join

@@ -180,3 +180,42 @@ def test_a_worker_crash_during_admission_ends_that_generation_too(lite, monkeypa
     gen = batcher.submit(lite.prepare(m, i), max_new_tokens=5)
     assert gen.wait(timeout=30), "the generation was left hanging"
     assert gen.finish_reason == "error" and "join failed" in str(gen.error)
+
+
+def _steps_pass(batcher, n: int) -> None:
+    start = batcher.steps
+    while batcher.steps < start + n:
+        time.sleep(0.001)
+
+
+def test_while_others_decode_waiting_requests_are_prefilled_together(lite):
+    convs = _conversations()
+    expected = _reference(lite, convs[1:4], 6)
+    batcher = ContinuousBatcher(lite, max_batch=8, prefill_group=3, prefill_wait_s=60.0)
+    long = batcher.submit(lite.prepare(*convs[0]), max_new_tokens=400)
+    next(iter(long))  # decoding now
+    group = []
+    for m, i in convs[1:4]:  # arriving a few decode steps apart
+        group.append(batcher.submit(lite.prepare(m, i), max_new_tokens=6))
+        _steps_pass(batcher, 3)
+    assert all(g.wait(timeout=60) for g in group)
+    assert [lite.processor.tokenizer.decode(g.tokens, skip_special_tokens=True).strip() for g in group] == expected
+    assert (batcher.prefills, batcher.prefilled_rows) == (2, 4)  # the long one alone, then the three in one pass
+    long.close()
+
+
+def test_a_lone_request_waits_no_longer_than_prefill_wait_and_not_at_all_when_idle(lite):
+    convs = _conversations()
+    batcher = ContinuousBatcher(lite, max_batch=8, prefill_group=4, prefill_wait_s=0.05)
+    long = batcher.submit(lite.prepare(*convs[0]), max_new_tokens=400)
+    next(iter(long))
+    lone = batcher.submit(lite.prepare(*convs[1]), max_new_tokens=3)
+    assert lone.wait(timeout=30) and lone.finish_reason in ("stop", "length")
+    assert long.finish_reason is None  # admitted after its wait, alone, while the long one decodes
+    long.close()
+    long.wait(timeout=30)
+    idle = ContinuousBatcher(lite, max_batch=8, prefill_group=4, prefill_wait_s=3600.0)
+    gen = idle.submit(lite.prepare(*convs[2]), max_new_tokens=3)
+    assert gen.wait(timeout=30)  # nothing decoding: no reason to wait for company
+    with pytest.raises(ValueError, match="prefill_group"):
+        ContinuousBatcher(lite, prefill_group=0)

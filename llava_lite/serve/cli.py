@@ -130,6 +130,9 @@ def _limit_args(p: argparse.ArgumentParser) -> None:
         "queue_size": "requests waiting beyond this are refused",
         "queue_timeout_s": "seconds a request may wait for a slot",
         "generation_timeout_s": "seconds before a generation is stopped",
+        "prefill_group": "while others decode, new requests are prefilled in groups of up to this many "
+                         "(1: never wait; torch backends, llama.cpp prefills each slot alone)",
+        "prefill_wait_s": "seconds a new request may wait for its prefill group to fill",
     }
     g = p.add_argument_group("limits")
     for f in fields(ServeLimits):

@@ -73,7 +73,9 @@ class ChatEngine:
 
             self.batcher = LlamaCppBatcher(lite, max_batch=self.limits.concurrency, cancel_all=self._cancel)
         else:
-            self.batcher = ContinuousBatcher(lite, max_batch=self.limits.concurrency, cancel_all=self._cancel)
+            self.batcher = ContinuousBatcher(lite, max_batch=self.limits.concurrency, cancel_all=self._cancel,
+                                             prefill_group=self.limits.prefill_group,
+                                             prefill_wait_s=self.limits.prefill_wait_s)
         # called with each finished generation's stats (metrics); must not raise
         self.on_finish: list[Callable[[GenerationStats], None]] = []
 
