@@ -140,6 +140,18 @@ def test_engine_streams_and_caps_new_tokens(engine):
     assert text.strip() == greedy
 
 
+def test_warm_up_leaves_the_system_prompt_cached_for_the_first_user_and_changes_no_reply(engine):
+    cache = engine.lite.prompt_cache
+    engine.warm_up()
+    assert cache.hits == 0 and engine.batcher.prefills == 1  # the warm-up's own prefill
+    text, _ = engine.complete(_ask("what is it?"))
+    req = _ask("what is it?")
+    head = engine.lite.prepare(req.messages, req.images).ids.index(engine.lite.processor.image_token_id)
+    assert cache.hits == 1 and cache.reused_tokens == head  # the template up to the user's image
+    cache.capacity = 0  # nothing cached: the same reply
+    assert engine.complete(_ask("what is it?"))[0] == text
+
+
 @pytest.mark.parametrize("request_kw, max_chars, needle", [
     ({"text": "   "}, 300, "Please type a message"),
     ({"text": "x" * 301}, 300, "the limit is 300"),

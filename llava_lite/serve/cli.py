@@ -52,7 +52,9 @@ def cmd_serve(args) -> int:
     config = serve_config(args)
     access = resolve_access(config.auth, config.host, config.share)  # refuses before the model loads
     lite = LlavaLite.from_pretrained(config.model, quantize=config.quantize, device=config.device)
-    server = start(ChatEngine(lite, config.limits), config, access)
+    engine = ChatEngine(lite, config.limits)
+    engine.warm_up()
+    server = start(engine, config, access)
     return serve_forever(server)
 
 

