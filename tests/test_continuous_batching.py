@@ -88,7 +88,7 @@ def test_prompts_prefilled_together_equal_each_prefilled_alone(lite):
     row the logits and (unpadded) keys and values that its own prefill gives."""
     from transformers import DynamicCache
 
-    from llava_lite.continuous_batching import _prefill_rows
+    from llava_lite.batch_rows import prefill_rows
     from llava_lite.llm import output_cache, with_cache
 
     llm = lite.model.llm
@@ -104,7 +104,7 @@ def test_prompts_prefilled_together_equal_each_prefilled_alone(lite):
 
     with torch.no_grad():
         inputs = [(prefix(), k, embeds[0][:, k:]), (None, 0, embeds[1]), (None, 0, embeds[2])]
-        logits, caches = _prefill_rows(lite, inputs)
+        logits, caches = prefill_rows(lite, inputs)
         for row, (cache, _, new) in enumerate([(prefix(), k, embeds[0][:, k:]), *inputs[1:]]):
             out = llm(inputs_embeds=new, use_cache=True, logits_to_keep=1,
                       **with_cache(cache if cache is not None else DynamicCache(config=llm.config)))
