@@ -191,14 +191,15 @@ class ContinuousBatcher:
             for gen, inputs in ready:
                 self._admit(gen, inputs)
             return
-        self._count_prefill([inputs for _, inputs in ready])
+        self._count_prefill(len(ready), sum(inputs[2].shape[1] for _, inputs in ready))
         for (gen, _), token, cache in zip(ready, tokens, caches, strict=True):
             self._start(gen, token, cache)
 
-    def _count_prefill(self, inputs: list[tuple]) -> None:
+    def _count_prefill(self, rows: int, tokens: int) -> None:
+        """One prefill forward pass of `rows` requests and `tokens` new prompt tokens."""
         self.prefills += 1
-        self.prefilled_rows += len(inputs)
-        self.prefilled_tokens += sum(embeds.shape[1] for _, _, embeds in inputs)
+        self.prefilled_rows += rows
+        self.prefilled_tokens += tokens
 
     def _prefill_inputs(self, gen: Generation) -> tuple:
         """(cached prefix or None, its length, the embeddings of the rest) of one prompt."""
@@ -236,7 +237,7 @@ class ContinuousBatcher:
         if cache is None:
             cache = DynamicCache(config=lite.model.llm.config)
         out = lite.model.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **with_cache(cache))
-        self._count_prefill([inputs])
+        self._count_prefill(1, embeds.shape[1])
         return self._sample([gen], out.logits[:, -1])[0], output_cache(out)
 
     def _join(self, gen: Generation, cache, token: int) -> None:

@@ -68,9 +68,7 @@ class LlamaCppBatcher(ContinuousBatcher):
             slot = self._free_slot(pos)
         with self.decoder._lock:
             logits = self.decoder.prefill(slot, prompt, pos)
-            self.prefills += 1
-            self.prefilled_rows += 1
-            self.prefilled_tokens += self.decoder.last_prefill
+            self._count_prefill(1, self.decoder.last_prefill)
         return self._sample([gen], logits[None])[0], slot
 
     def _join(self, gen: Generation, slot: int, token: int) -> None:

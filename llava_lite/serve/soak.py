@@ -252,7 +252,8 @@ def _phase(url: str, items: list[dict], clients: int, args) -> dict:
     for th in _start_clients(clients, url, items, stop, results, lock, args):
         th.join(timeout=600)
     elapsed = time.time() - start
-    server = {k: scrape(url)[k] - before[k] for k in PREFILL_COUNTERS.values()}
+    after = scrape(url)
+    server = {k: after[k] - before[k] for k in PREFILL_COUNTERS.values()}
     ok = [r for r in results if not r["error"] and not r["rate_limited"]]
     lat = np.array([r["latency_s"] for r in ok]) if ok else np.array([float("nan")])
     return {"clients": clients, "requests": len(results), "errors": len(results) - len(ok),
