@@ -25,6 +25,8 @@ VARIANTS = {  # name -> (dtype, quantize)
     "bf16": ("bf16", None),
     "8bit": ("fp32", "8bit"),
     "4bit": ("fp32", "4bit"),
+    "int8-w8a8-prefill": ("fp32", "int8-w8a8-prefill"),
+    "int8-weight-only": ("fp32", "int8-weight-only"),
     "dynamic-int8": ("fp32", "dynamic-int8"),
     "bnb-8bit": ("fp32", "bnb-8bit"),
     "bnb-4bit": ("fp32", "bnb-4bit"),

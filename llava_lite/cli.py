@@ -21,9 +21,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="checkpoint folder, transformers Llava folder or Hub id (default: the built-in model)")
     p.add_argument("--quantize", default="none",
-                   choices=["none", "8bit", "4bit", *LLAMACPP_MODES],
+                   choices=["none", "8bit", "4bit", "int8-w8a8-prefill", "int8-weight-only", *LLAMACPP_MODES],
                    help="quantize the LLM for inference, or decode it in llama.cpp (llamacpp-*: needs "
-                        "llama-cpp-python, `make llamacpp`) (default: none)")
+                        "llama-cpp-python, `make llamacpp`). On a CPU, 8bit is int8-w8a8-prefill where the "
+                        "CPU has int8 dot products (VNNI/AMX: int8 activations in prefills, faster first "
+                        "tokens) and int8-weight-only elsewhere (default: none)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: fp32)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="generation length cap (default: 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
@@ -203,9 +205,10 @@ def _add_model_commands(sub) -> None:
                                    "--out also writes bench.json, bench.md and bench.png.")
     p.add_argument("--model", default=None, help="checkpoint folder (default: the built-in model)")
     p.add_argument("--quantize", default="fp32,bf16,8bit,4bit",
-                   help="comma-separated variants: fp32, bf16, 8bit, 4bit, or a backend (dynamic-int8, bnb-8bit, "
-                        "bnb-4bit, torchao-int8, torchao-int8-weight-only), or the llama.cpp decoder "
-                        "(llamacpp-f32, llamacpp-q8_0) (default: fp32,bf16,8bit,4bit)")
+                   help="comma-separated variants: fp32, bf16, 8bit, 4bit, or a backend (int8-w8a8-prefill, "
+                        "int8-weight-only, dynamic-int8, bnb-8bit, bnb-4bit, torchao-int8, "
+                        "torchao-int8-weight-only), or the llama.cpp decoder (llamacpp-f32, llamacpp-q8_0) "
+                        "(default: fp32,bf16,8bit,4bit)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per timing (default: 64)")
     p.add_argument("--repeats", type=int, default=3, help="timings per figure, best kept (default: 3)")
     p.add_argument("--batch-sizes", default="1,4,8", help="batched-throughput sizes (default: 1,4,8)")

@@ -1,13 +1,16 @@
 """Quantized inference for the LLM (the tower and projector stay in full precision).
 
 Modes a user asks for, resolved to a backend:
-- "8bit": on a CPU, weight-only int8 (`llava_lite.weight_int8`: int8 weights with
-  per-channel scales, full-precision activations, torch's fused kernel); on CUDA,
-  bitsandbytes LLM.int8. bitsandbytes' CPU path decoded at about half of fp32's speed on a
-  2-core machine. torch's dynamic int8 is fast but quantizes activations per tensor, and
-  SmolLM2's outlier activations cost it 30-45 points of accuracy (38-54% vs 83%).
+- "8bit": on a CPU, int8 weights with per-channel scales (`llava_lite.weight_int8`). Decoding
+  keeps full-precision activations (torch's fused weight-only kernel). Prefills quantize each
+  activation row to int8 for an int8 matmul ("int8-w8a8-prefill") where the CPU has int8 dot
+  products (VNNI, AMX), and cast the weights for a bf16/fp32 matmul elsewhere
+  ("int8-weight-only"). On CUDA, bitsandbytes LLM.int8. bitsandbytes' CPU path decoded at
+  about half of fp32's speed on a 2-core machine. torch's dynamic int8 is fast but quantizes
+  activations per tensor, and SmolLM2's outlier activations cost it 30-45 points of accuracy
+  (38-54% vs 83%); one scale per row keeps an outlier's damage to its own row.
 - "4bit": bitsandbytes NF4.
-Backends can also be named directly: "int8-weight-only", "bnb-8bit", "bnb-4bit",
+Backends can also be named directly: "int8-w8a8-prefill", "int8-weight-only", "bnb-8bit", "bnb-4bit",
 "dynamic-int8", "torchao-int8", "torchao-int8-weight-only" (torchao must be installed).
 A LoRA adapter is merged first, so the quantized weights include it.
 """
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 
 from llava_lite import weight_int8
+from llava_lite.cpu_features import native_int8
 from llava_lite.lora import is_peft
 
 # Activations above this magnitude stay in full precision (LLM.int8's outlier split). The
@@ -28,14 +32,18 @@ from llava_lite.lora import is_peft
 # against fp32, 5.0 lost 0.08 and still decoded faster than fp32; 3.0 decoded slower.
 LLM_INT8_THRESHOLD = 5.0
 
-BACKENDS = ("int8-weight-only", "bnb-8bit", "bnb-4bit", "dynamic-int8", "torchao-int8", "torchao-int8-weight-only")
+# the CPU int8 backends -> how their prefills multiply (`weight_int8.Int8Linear.prefill_kernel`)
+INT8_PREFILL_KERNELS = {"int8-w8a8-prefill": "int8", "int8-weight-only": "dequant"}
+BACKENDS = (*INT8_PREFILL_KERNELS, "bnb-8bit", "bnb-4bit", "dynamic-int8", "torchao-int8", "torchao-int8-weight-only")
 
 
 def resolve_backend(mode: str, device: torch.device) -> str:
     if mode in BACKENDS:
         return mode
     if mode == "8bit":
-        return "bnb-8bit" if device.type == "cuda" else "int8-weight-only"  # torch>=2.4 has the kernel
+        if device.type == "cuda":
+            return "bnb-8bit"
+        return "int8-w8a8-prefill" if native_int8() else "int8-weight-only"  # torch>=2.4 has the kernel
     if mode == "4bit":
         return "bnb-4bit"
     raise ValueError(f"quantize={mode!r}; use none, 8bit, 4bit or one of {BACKENDS}")
@@ -47,8 +55,8 @@ def quantize_model(lite, mode: str) -> str:
     backend = resolve_backend(mode, model.device)
     if is_peft(model.llm):
         lite.merge_lora()  # also marks the config as merged
-    if backend == "int8-weight-only":
-        model.llm = _weight_only_int8(model.llm)
+    if backend in INT8_PREFILL_KERNELS:
+        model.llm = _int8(model.llm, backend)
     elif backend == "dynamic-int8":
         model.llm = _dynamic_int8(model.llm)
     elif backend.startswith("torchao-"):
@@ -58,14 +66,14 @@ def quantize_model(lite, mode: str) -> str:
     return backend
 
 
-def _weight_only_int8(llm: nn.Module) -> nn.Module:
+def _int8(llm: nn.Module, backend: str) -> nn.Module:
     if llm.device.type != "cpu":
-        raise ValueError("quantize='int8-weight-only' runs on the CPU; on CUDA use 'bnb-8bit'")
+        raise ValueError(f"quantize={backend!r} runs on the CPU; on CUDA use 'bnb-8bit'")
     llm.float()  # norms, attention and the residual stream stay fp32
-    dequant = weight_int8.default_dequant()
-    weight_int8.quantize_linears(llm.get_decoder(), **dequant)
+    settings = weight_int8.prefill_settings(INT8_PREFILL_KERNELS[backend])
+    weight_int8.quantize_linears(llm.get_decoder(), **settings)
     # The tied LM head is a fifth of SmolLM2-135M's weights and read on every token.
-    weight_int8.quantize_tied_embeddings(llm, **dequant)
+    weight_int8.quantize_tied_embeddings(llm, **settings)
     return llm
 
 

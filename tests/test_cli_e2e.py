@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "llava_lite.cli"]
@@ -45,12 +46,13 @@ def test_bad_image_is_a_clear_cli_error(tmp_path):
 
 def test_default_model_python_api_and_8bit():
     from llava_lite import LlavaLite
+    from llava_lite.quantize import resolve_backend
 
     m = LlavaLite.from_pretrained(quantize="8bit")
-    assert m.quantization == "int8-weight-only"
+    assert m.quantization == resolve_backend("8bit", torch.device("cpu"))
     answer = m.ask(_photo(), "What is in the image?", max_new_tokens=12)
     assert isinstance(answer, str) and answer
     # the LLM's Linear layers really are int8 now
-    from llava_lite.weight_int8 import Int8WeightOnlyLinear
+    from llava_lite.weight_int8 import Int8Linear
 
-    assert any(isinstance(mod, Int8WeightOnlyLinear) for mod in m.model.llm.modules())
+    assert any(isinstance(mod, Int8Linear) for mod in m.model.llm.modules())

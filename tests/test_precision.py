@@ -31,3 +31,10 @@ def test_auto_picks_bf16_only_with_native_support(tmp_path):
 def test_an_explicit_precision_is_kept():
     for p in ("fp32", "bf16", "fp16"):
         assert resolve_precision(p, cuda=False, flags={"amx_bf16"}) == (p, "set by the recipe")
+
+
+def test_native_int8_reads_the_vnni_and_amx_flags():
+    from llava_lite.cpu_features import native_int8
+
+    assert native_int8({"fpu", "avx512f", "avx512_vnni", "avx_vnni"}) == ["avx512_vnni", "avx_vnni"]
+    assert native_int8({"fpu", "avx2", "avx512_bf16"}) == []

@@ -17,7 +17,7 @@ from llava_lite.serve.limits import ServeLimits
 from llava_lite.settings import Settings
 
 # what the server can run: torch none/8bit/4bit, or the llama.cpp decoder (needs llama-cpp-python)
-SERVE_QUANTIZE = ("none", "8bit", "4bit", *LLAMACPP_MODES)
+SERVE_QUANTIZE = ("none", "8bit", "4bit", "int8-w8a8-prefill", "int8-weight-only", *LLAMACPP_MODES)
 
 @dataclass
 class AuthConfig:
