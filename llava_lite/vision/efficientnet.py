@@ -104,8 +104,9 @@ class EfficientNetLite0Tower(VisionTower):
 
 def _fold_for_inference(net: torch.nn.Module) -> None:
     """Fold every batch norm into the convolution before it, and symmetric "same" padding into
-    the convolution's own padding. The tower is always frozen and in eval mode, so each pair is
-    one affine map: a first token spent ~4 ms of its ~20 ms tower in separate norm and pad ops."""
+    the convolution's own padding; ReLU6 runs in place. The tower is always frozen and in eval
+    mode, so each pair is one affine map: a first token spent ~4 ms of its ~20 ms tower in
+    separate norm and pad ops."""
     from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding, Identity
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -117,6 +118,9 @@ def _fold_for_inference(net: torch.nn.Module) -> None:
     for owner, conv_name, bn_name in pairs:
         setattr(owner, conv_name, fuse_conv_bn_eval(getattr(owner, conv_name).eval(), getattr(owner, bn_name).eval()))
         setattr(owner, bn_name, torch.nn.Identity())
+    for module in net.modules():
+        if isinstance(module, torch.nn.ReLU6):
+            module.inplace = True  # each follows a fresh conv output: no 5 MB copy at 112x112
     for conv in net.modules():
         pad = getattr(conv, "static_padding", None)
         if isinstance(conv, Conv2dStaticSamePadding) and isinstance(pad, torch.nn.ZeroPad2d):
