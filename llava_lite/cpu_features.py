@@ -8,9 +8,9 @@ from pathlib import Path
 # /proc/cpuinfo flags that mean bf16 matmuls run in hardware: x86 AVX512-BF16 and AMX, and
 # Arm's BF16 extension (listed as "bf16" under Features).
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
-# x86 flags for the int8 dot-product instructions that oneDNN's int8 matmul (torch._int_mm) is
-# built on; without them it widens to int16 and loses its edge over a bf16 or fp32 matmul.
-NATIVE_INT8_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
+# torch's CPU int8 matmul (torch._int_mm) calls oneDNN only where AVX512-VNNI is present (AMX
+# parts have it too) and runs a scalar loop otherwise, AVX-VNNI-only CPUs included.
+NATIVE_INT8_FLAGS = ("avx512_vnni",)
 
 
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
@@ -33,6 +33,6 @@ def native_bf16(flags: set[str] | None = None) -> list[str]:
 
 
 def native_int8(flags: set[str] | None = None) -> list[str]:
-    """The flags (sorted) by which this CPU runs int8 dot products natively; empty if none."""
+    """The flags by which torch runs this CPU's int8 matmuls natively; empty if none."""
     flags = cpu_flags() if flags is None else flags
     return sorted(set(NATIVE_INT8_FLAGS) & flags)

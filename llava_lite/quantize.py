@@ -2,9 +2,10 @@
 
 Modes a user asks for, resolved to a backend:
 - "8bit": on a CPU, int8 weights with per-channel scales (`llava_lite.weight_int8`). Decoding
-  keeps full-precision activations (torch's fused weight-only kernel). Prefills quantize each
-  activation row to int8 for an int8 matmul ("int8-w8a8-prefill") where the CPU has int8 dot
-  products (VNNI, AMX), and cast the weights for a bf16/fp32 matmul elsewhere
+  (under 32 rows a step) keeps full-precision activations (torch's fused weight-only kernel).
+  Prefills, and steps of 32 rows or more, quantize each activation row to int8 for an int8
+  matmul ("int8-w8a8-prefill") where the CPU has AVX512-VNNI (torch's int8 matmul is a scalar
+  loop without it), and cast the weights for a bf16/fp32 matmul elsewhere
   ("int8-weight-only"). On CUDA, bitsandbytes LLM.int8. bitsandbytes' CPU path decoded at
   about half of fp32's speed on a 2-core machine. torch's dynamic int8 is fast but quantizes
   activations per tensor, and SmolLM2's outlier activations cost it 30-45 points of accuracy
@@ -43,10 +44,14 @@ def resolve_backend(mode: str, device: torch.device) -> str:
     if mode == "8bit":
         if device.type == "cuda":
             return "bnb-8bit"
-        return "int8-w8a8-prefill" if native_int8() else "int8-weight-only"  # torch>=2.4 has the kernel
+        return "int8-w8a8-prefill" if _int8_matmul_native() else "int8-weight-only"  # torch>=2.4 has the kernel
     if mode == "4bit":
         return "bnb-4bit"
     raise ValueError(f"quantize={mode!r}; use none, 8bit, 4bit or one of {BACKENDS}")
+
+
+def _int8_matmul_native() -> bool:
+    return bool(native_int8()) and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
 
 def quantize_model(lite, mode: str) -> str:
@@ -69,6 +74,10 @@ def quantize_model(lite, mode: str) -> str:
 def _int8(llm: nn.Module, backend: str) -> nn.Module:
     if llm.device.type != "cpu":
         raise ValueError(f"quantize={backend!r} runs on the CPU; on CUDA use 'bnb-8bit'")
+    if backend == "int8-w8a8-prefill" and not _int8_matmul_native():
+        logging.getLogger(__name__).warning(
+            "quantize='int8-w8a8-prefill': this CPU (or torch build) has no AVX512-VNNI int8 matmul, so "
+            "prefills run torch's scalar int8 loop; 'int8-weight-only' is faster here")
     llm.float()  # norms, attention and the residual stream stay fp32
     settings = weight_int8.prefill_settings(INT8_PREFILL_KERNELS[backend])
     weight_int8.quantize_linears(llm.get_decoder(), **settings)

@@ -15,6 +15,7 @@ bytes. A prefill (many rows) is bound by arithmetic instead, and is done one of 
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 from torch import nn
@@ -110,14 +111,14 @@ _last_rows = threading.local()
 
 def _shared_rows(x: torch.Tensor, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_rows(flat)`, reused while the same tensor `x`, unchanged, feeds the next layer.
-    The strong reference to `x` keeps its memory from going to another tensor meanwhile."""
+    A weak reference: once `x` is gone it matches nothing, and its memory is not held."""
     if x.is_inference():  # no version counter: an in-place change could not be seen
         return quantize_rows(flat)
     last = getattr(_last_rows, "value", None)
-    if last is not None and last[0] is x and last[1] == x._version:
+    if last is not None and last[0]() is x and last[1] == x._version:
         return last[2]
     rows = quantize_rows(flat)
-    _last_rows.value = (x, x._version, rows)
+    _last_rows.value = (weakref.ref(x), x._version, rows)
     return rows
 
 

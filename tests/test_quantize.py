@@ -63,7 +63,7 @@ def test_backend_resolution(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(quantize, "native_int8", lambda: ["avx512_vnni"])
     assert resolve_backend("8bit", cpu) == "int8-w8a8-prefill"
-    monkeypatch.setattr(quantize, "native_int8", lambda: [])
+    monkeypatch.setattr(quantize, "native_int8", lambda: [])  # e.g. AVX-VNNI without AVX512
     assert resolve_backend("8bit", cpu) == "int8-weight-only"  # no int8 dot products: bf16/fp32 prefills
     assert resolve_backend("int8-w8a8-prefill", cpu) == "int8-w8a8-prefill"  # asked for by name: kept
     assert resolve_backend("8bit", cuda) == "bnb-8bit"
