@@ -24,8 +24,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    choices=["none", "8bit", "4bit", "int8-w8a8-prefill", "int8-weight-only", *LLAMACPP_MODES],
                    help="quantize the LLM for inference, or decode it in llama.cpp (llamacpp-*: needs "
                         "llama-cpp-python, `make llamacpp`). On a CPU, 8bit is int8-w8a8-prefill where the "
-                        "CPU has int8 dot products (VNNI/AMX: int8 activations in prefills, faster first "
-                        "tokens) and int8-weight-only elsewhere (default: none)")
+                        "CPU has AVX512-VNNI (int8 activations in prefills, faster first tokens) and "
+                        "int8-weight-only elsewhere (default: none)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: fp32)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="generation length cap (default: 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")

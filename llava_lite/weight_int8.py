@@ -34,7 +34,7 @@ class Int8Linear(nn.Module):
       matmul: in bf16 on a CPU with AMX that was 2.5x faster at 100 rows, in fp32 on an
       AVX2-only CPU 1.1-1.4x at 96 rows;
     - "int8" quantizes each row of activations (`int8_rows_matmul`): on a 2-core AVX512-VNNI
-      EPYC, 1.5-2.2x faster than the bf16 cast-and-matmul at 64 rows.
+      EPYC, 1.2-2.2x faster than the bf16 cast-and-matmul at 64 rows, per layer shape.
     """
 
     def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16,
@@ -167,7 +167,7 @@ class Int8Embedding(nn.Module):
 
 def prefill_settings(prefill_kernel: str = "dequant") -> dict:
     """Where the fused kernel hands over to a prefill kernel, and in which dtype, for this CPU.
-    - "int8": from 32 rows (the int8 matmul overtook the kernel between 16 and 32 rows).
+    - "int8": from 32 rows, the bf16 threshold below (its own crossover is not measured).
     - "dequant": from 32 rows in bf16 where the CPU runs bf16 natively (the two crossed between
       16 and 32 rows on a Xeon with AMX); from 80 rows in fp32 elsewhere, where bf16 matmuls are
       emulated (on a 2-core AVX2 EPYC the kernel costs ~35 us a row per 576x1536 layer, the

@@ -173,12 +173,11 @@ def test_int8_rows_matmul_scales_each_row_on_its_own():
     assert others.max() < 0.02 < rel[3]
 
 
-@pytest.mark.parametrize("prefill_kernel", ["int8", "dequant"])
-def test_int8_linear_prefill_kernels_match_the_decode_kernel(prefill_kernel):
+def test_int8_prefill_kernel_matches_the_decode_kernel():  # the dequant one: the test above
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40)
     kernel = Int8Linear(linear)
-    prefill = Int8Linear(linear, prefill_from_rows=8, prefill_kernel=prefill_kernel)
+    prefill = Int8Linear(linear, prefill_from_rows=8, prefill_kernel="int8")
     few, many = torch.randn(1, 3, 96), torch.randn(2, 20, 96)
     torch.testing.assert_close(prefill(few), kernel(few))  # under the threshold: the decode kernel
     out, ref = prefill(many), kernel(many)

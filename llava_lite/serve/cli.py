@@ -69,8 +69,8 @@ def _model_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     p.add_argument("--model", default=None, help="checkpoint folder or Llava folder (default: built-in model)")
     p.add_argument("--quantize", default="8bit" if defaults else None, choices=list(SERVE_QUANTIZE),
                    help="LLM quantization, or llamacpp-* to decode in llama.cpp (needs `make llamacpp`); "
-                        "on a CPU, 8bit is int8-w8a8-prefill where the CPU has VNNI/AMX and int8-weight-only "
-                        "elsewhere (default: 8bit)")
+                        "on a CPU, 8bit is int8-w8a8-prefill where the CPU has AVX512-VNNI and "
+                        "int8-weight-only elsewhere (default: 8bit)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
 
 
